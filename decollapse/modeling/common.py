@@ -1,0 +1,106 @@
+"""Building blocks shared by every decollapse modeling file: masks, positions, LM losses and the
+``PreTrainedModel`` base with the collapse-report contract.
+
+Imports only torch, transformers and sibling modules, so the Hub export can copy it next to any
+``modeling_<arch>.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+
+from .diagnostics import CollapseReport
+
+IGNORE_INDEX = -100
+
+
+def position_ids_from_mask(
+    attention_mask: torch.Tensor | None, seq_len: int, past_len: int, device: torch.device
+) -> torch.Tensor:
+    """Positions of the current ``seq_len`` tokens, shape (B or 1, T).
+
+    With a 2-D padding mask covering past and current tokens, positions count real tokens only, so a
+    left-padded prompt gets the same positions as the unpadded one (padding invariance).
+    """
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.clamp_min(0)[:, -seq_len:]
+    return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    past_len: int,
+    causal: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, bool]:
+    """The ``attn_mask`` / ``is_causal`` pair for ``F.scaled_dot_product_attention``.
+
+    Returns ``(None, causal)`` on the fast path (no padding, no cache offset) and otherwise a boolean
+    mask of shape (B, 1, T, past + T) that is True where a query may attend. Every query may always
+    attend to itself: rows made only of padding would otherwise be all-False and SDPA returns NaN,
+    which then leaks into gradients even though the loss ignores those positions.
+    """
+    k_len = past_len + q_len
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding and (past_len == 0 or not causal):
+        # is_causal in SDPA aligns the triangle top-left, which is only right without a cache offset.
+        return None, causal and q_len > 1
+    query_pos = torch.arange(past_len, k_len, device=device).unsqueeze(-1)  # (T, 1)
+    key_pos = torch.arange(k_len, device=device).unsqueeze(0)  # (1, K)
+    allowed = key_pos <= query_pos if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    allowed = allowed.unsqueeze(0).unsqueeze(0)  # (1, 1, T, K)
+    if has_padding:
+        keys = attention_mask[:, -k_len:].bool()[:, None, None, :]  # (B, 1, 1, K)
+        allowed = allowed & keys
+    allowed = allowed | (key_pos == query_pos).unsqueeze(0).unsqueeze(0)
+    return allowed, False
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at t predict labels at t + 1; -100 is ignored."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+class DecollapsePreTrainedModel(PreTrainedModel):
+    """Base of every decollapse model: explicit initialisation of the standard modules and the
+    collapse-report contract.
+
+    Each architecture's base class overrides ``collapse_report`` to expose its collapse-prone units
+    (blocks / neurons / experts / concepts / heads) through the shared diagnostics library.
+    """
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def collapse_report(self, batch: dict[str, torch.Tensor]) -> CollapseReport:
+        """Collapse diagnostics of this model's units on ``batch`` (``input_ids``, optional
+        ``attention_mask`` and ground-truth label columns such as ``domain`` or ``sense``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement collapse_report")
+
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        return self.config.aux_loss_weights

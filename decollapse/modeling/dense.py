@@ -1,0 +1,369 @@
+"""The ``dense`` control architecture: a plain pre-LN transformer (GPT-2 layout, SDPA attention,
+learned absolute positions, tied embeddings). Every decollapse experiment compares to it.
+
+Reads top to bottom: attention -> MLP -> block -> pretrained base -> model -> LM heads.
+Imports only torch, transformers and sibling modules (plus the one configuration import that the Hub
+export rewrites to ``from .configuration_dense import DenseConfig``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache
+
+from ..configuration.dense import DenseConfig
+from .common import (
+    IGNORE_INDEX,
+    DecollapsePreTrainedModel,
+    attention_bias,
+    causal_lm_loss,
+    position_ids_from_mask,
+)
+from .diagnostics import CollapseReport, effective_rank_entropy, homonym_separation, unit_report
+from .outputs import DecollapseCausalLMOutput, DecollapseMaskedLMOutput, DecollapseModelOutput, combine_losses
+from .regularizers import mean_squared_off_diagonal_cosine
+
+
+class DenseAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection and PyTorch SDPA."""
+
+    def __init__(self, config: DenseConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, C)
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_key_values: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq_len, width = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        heads = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        heads = heads.transpose(1, 2)  # (B, T, nh, hd)
+        return self.o_proj(heads.reshape(batch, seq_len, width)), heads
+
+    def head_contributions(self, heads: torch.Tensor) -> torch.Tensor:
+        """What each head writes into the residual stream: (B, T, nh, hd) -> (B, T, nh, C).
+
+        Heads live in different bases before the output projection, so they are only comparable after
+        it: head h contributes ``heads[..., h, :] @ W_o[:, h]ᵀ``.
+        """
+        weight = self.o_proj.weight.view(-1, self.num_heads, self.head_dim)  # (C, nh, hd)
+        return torch.einsum("bthd,chd->bthc", heads, weight)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, config: DenseConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # tanh-approximate GELU, as GPT-2, so the throughput benchmark compares like with like.
+        return self.down_proj(F.gelu(self.up_proj(hidden_states), approximate="tanh"))
+
+
+class DenseBlock(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: DenseConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = DenseAttention(config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DenseMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, attn_mask, is_causal, past_key_values=None):
+        attn_out, heads = self.attn(self.attn_norm(hidden_states), attn_mask, is_causal, past_key_values)
+        hidden_states = hidden_states + self.dropout(attn_out)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, heads
+
+
+class DensePreTrainedModel(DecollapsePreTrainedModel):
+    config_class = DenseConfig
+    config: DenseConfig
+    _no_split_modules = ["DenseBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # GPT-2's residual scaling: each block adds two residual branches, so their output projections
+        # start 1/sqrt(2 * layers) smaller to keep the residual stream's variance flat with depth.
+        if isinstance(module, (DenseAttention, DenseMLP)):
+            std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
+            proj = module.o_proj if isinstance(module, DenseAttention) else module.down_proj
+            nn.init.normal_(proj.weight, mean=0.0, std=std)
+
+    @torch.no_grad()
+    def collapse_report(self, batch: dict[str, torch.Tensor]) -> CollapseReport:
+        """Units of the control model: attention heads (what they write into the residual stream),
+        MLP neurons (activation patterns, usage, dead share, MI of the most active neuron with the
+        ``domain`` labels when given) and the final hidden states (effective rank, homonym separation
+        when ``sense`` labels are given)."""
+        base: DenseModel = self.base_model
+        was_training = self.training
+        self.eval()
+        input_ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        neuron_acts: dict[int, torch.Tensor] = {}
+        hooks = [
+            layer.mlp.down_proj.register_forward_hook(
+                lambda mod, args, out, i=i: neuron_acts.__setitem__(i, args[0].detach())
+            )
+            for i, layer in enumerate(base.layers)
+        ]
+        try:
+            out = base(input_ids=input_ids, attention_mask=mask, output_head_outputs=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+
+        report = CollapseReport()
+        labels = batch.get("domain")
+        label_valid = valid & (labels >= 0) if labels is not None else valid
+        for i, (layer, heads) in enumerate(zip(base.layers, out.head_outputs)):
+            contrib = layer.attn.head_contributions(heads)[valid]  # (N, nh, C)
+            head_vectors = contrib.permute(1, 0, 2).reshape(contrib.size(1), -1)  # (nh, N * C)
+            report.update(unit_report(vectors=head_vectors), prefix=f"layer{i}.heads.")
+            acts = neuron_acts[i][label_valid]  # (N, I)
+            report.update(
+                unit_report(
+                    vectors=acts.T,
+                    counts=(acts > 0).sum(0),
+                    assignments=acts.argmax(-1),
+                    labels=labels[label_valid] if labels is not None else None,
+                ),
+                prefix=f"layer{i}.neurons.",
+            )
+        hidden = out.last_hidden_state[valid]
+        report.metrics["hidden.effective_rank_entropy"] = effective_rank_entropy(hidden)
+        if "sense" in batch:
+            report.metrics["hidden.homonym_separation"] = homonym_separation(
+                hidden, input_ids[valid], batch["sense"][valid]
+            )
+        return report
+
+
+class DenseModel(DensePreTrainedModel):
+    """Embeddings -> pre-LN blocks -> final LayerNorm. Causal or bidirectional by ``config.objective``."""
+
+    def __init__(self, config: DenseConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([DenseBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_head_outputs: bool = False,
+        return_dict: bool | None = None,
+    ) -> DecollapseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        causal = self.config.objective == "causal_lm"
+        use_cache = (use_cache if use_cache is not None else self.config.use_cache) and causal
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq_len, _ = inputs_embeds.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {past_len + seq_len} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}."
+            )
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, seq_len, past_len, inputs_embeds.device)
+        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, causal, inputs_embeds.device)
+
+        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        all_hidden = [] if output_hidden_states else None
+        head_outputs = []
+        aux_terms = []
+        want_head_sim = self.config.head_diversity_weight > 0
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states, heads = layer(hidden_states, attn_mask, is_causal, past_key_values)
+            if output_head_outputs:
+                head_outputs.append(heads)
+            if want_head_sim:
+                contrib = layer.attn.head_contributions(heads)  # (B, T, nh, C)
+                if attention_mask is not None:
+                    contrib = contrib[attention_mask[:, -seq_len:].bool()]
+                aux_terms.append(mean_squared_off_diagonal_cosine(contrib))
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+
+        aux_losses = {"head_similarity": torch.stack(aux_terms).mean()} if aux_terms else {}
+        output = DecollapseModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            aux_losses=aux_losses,
+        )
+        # Per-head outputs are only for diagnostics; they are not part of the HF output schema.
+        output.head_outputs = tuple(head_outputs) if output_head_outputs else None
+        return output
+
+
+class DenseForCausalLM(DensePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DenseConfig):
+        if config.objective != "causal_lm":
+            raise ValueError(
+                f"DenseForCausalLM needs objective='causal_lm', got {config.objective!r}; "
+                "use DenseForMaskedLM for 'masked_lm'."
+            )
+        super().__init__(config)
+        self.model = DenseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> DecollapseCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+        task_loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return DecollapseCausalLMOutput(
+            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            task_loss=task_loss,
+            aux_losses=outputs.aux_losses,
+        )
+
+
+class DenseForMaskedLM(DensePreTrainedModel):
+    """Bidirectional encoder with a BERT-style prediction head (transform -> tied decoder)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DenseConfig):
+        if config.objective != "masked_lm":
+            raise ValueError(
+                f"DenseForMaskedLM needs objective='masked_lm', got {config.objective!r}; "
+                "use DenseForCausalLM for 'causal_lm'."
+            )
+        super().__init__(config)
+        self.model = DenseModel(config)
+        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.transform_norm(F.gelu(self.transform(hidden_states))))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> DecollapseMaskedLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        task_loss = None
+        if labels is not None:
+            # Only masked positions carry a loss: project just those instead of materialising
+            # (B, T, V) logits in the training step.
+            selected = labels != IGNORE_INDEX
+            if bool(selected.any()):
+                task_loss = F.cross_entropy(self._predict(hidden_states[selected]).float(), labels[selected])
+            else:  # a batch with nothing masked: zero loss that still has a graph, never NaN
+                task_loss = hidden_states.sum() * 0.0
+        logits = None if (self.training and labels is not None) else self._predict(hidden_states)
+        return DecollapseMaskedLMOutput(
+            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            task_loss=task_loss,
+            aux_losses=outputs.aux_losses,
+        )

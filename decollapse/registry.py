@@ -1,0 +1,79 @@
+"""The architecture registry: one line per architecture.
+
+Adding an architecture = ``configuration/<name>.py`` + ``modeling/<name>.py`` + ``tests/test_<name>.py``
++ one ``Architecture(...)`` line below. Registration with the Auto classes, the CLI, ``decollapse list``
+and the parametrized contract tests (causality, save/load, export) all read this table.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+# The Auto class that serves each objective's head.
+OBJECTIVE_AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM"}
+_AUTO = {
+    "AutoModel": AutoModel,
+    "AutoModelForCausalLM": AutoModelForCausalLM,
+    "AutoModelForMaskedLM": AutoModelForMaskedLM,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    config: str
+    models: dict[str, str] = field(default_factory=dict)  # Auto class name -> model class name
+    summary: str = ""
+
+    @property
+    def config_class(self):
+        return getattr(importlib.import_module(f"decollapse.configuration.{self.name}"), self.config)
+
+    def model_class(self, auto_name: str):
+        module = importlib.import_module(f"decollapse.modeling.{self.name}")
+        return getattr(module, self.models[auto_name])
+
+    def model_for_objective(self, objective: str):
+        auto_name = OBJECTIVE_AUTO_CLASSES[objective]
+        if auto_name not in self.models:
+            raise ValueError(f"architecture {self.name!r} has no {objective} head")
+        return self.model_class(auto_name)
+
+    @property
+    def objectives(self) -> list[str]:
+        return [obj for obj, auto in OBJECTIVE_AUTO_CLASSES.items() if auto in self.models]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in [
+        Architecture("dense", "DenseConfig", {"AutoModel": "DenseModel", "AutoModelForCausalLM": "DenseForCausalLM", "AutoModelForMaskedLM": "DenseForMaskedLM"}, "plain pre-LN transformer: the control arm"),  # noqa: E501
+    ]
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def register_all() -> None:
+    """Register every architecture with AutoConfig, AutoModel and its AutoModelFor… classes."""
+    for arch in ARCHITECTURES.values():
+        config_class = arch.config_class
+        try:
+            AutoConfig.register(config_class.model_type, config_class)
+        except ValueError:  # already registered (module re-import); the mapping is the same class
+            pass
+        for auto_name in arch.models:
+            try:
+                _AUTO[auto_name].register(config_class, arch.model_class(auto_name))
+            except ValueError:
+                pass

@@ -1,0 +1,174 @@
+"""``DecollapseTrainer``: the Hugging Face Trainer, with the auxiliary (anti-collapse) losses
+combined by a weighting strategy and every term logged through the Trainer's own logging, so
+``report_to`` (tensorboard / wandb / trackio) shows them. There is no training loop here: only
+``compute_loss``, ``create_optimizer``, ``log`` and ``evaluation_loop`` are extended.
+
+Logged while training (averaged over the steps since the last log):
+  ``task_loss``, ``aux/<term>`` (unweighted), ``aux_weighted/<term>`` (its contribution to the loss),
+  ``aux_weight/<term>`` and ``aux_weight/task`` (the current multipliers), plus the Trainer's own
+  ``loss`` (the total that was back-propagated) and ``grad_norm``.
+At evaluation: ``eval_loss`` is the **task** loss (so ``exp(eval_loss)`` is a perplexity for language
+models), ``eval_total_loss`` the weighted total and ``eval_aux/<term>`` each term.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .weighting import STRATEGIES, LossWeighting
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised before the optimizer step when a loss term (or the gradient) is NaN or infinite, so the
+    weights in memory are still the last good ones."""
+
+    def __init__(self, term: str, step: int, value: float | None = None):
+        self.term = term
+        self.step = step
+        shown = "" if value is None else f" ({value})"
+        super().__init__(f"loss term {term!r} became non-finite{shown} at step {step}")
+
+
+@dataclass
+class DecollapseTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the auxiliary-loss knobs."""
+
+    loss_weighting: str = field(default="fixed", metadata={"help": f"one of {', '.join(STRATEGIES)}"})
+    aux_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "per-term weights overriding the config's defaults"}
+    )
+    aux_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the auxiliary weights"})
+    learn_task_weight: bool = field(
+        default=False, metadata={"help": "kendall_gal only: also learn the task weight (seed 003: risky)"}
+    )
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+class DecollapseTrainer(Trainer):
+    """``transformers.Trainer`` for models that return ``task_loss`` and ``aux_losses``.
+
+    Works with any model following the decollapse output contract; a model without ``aux_losses``
+    trains exactly as with the plain Trainer.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        args: TrainingArguments = self.args
+        model = _unwrap(self.model)
+        defaults = dict(getattr(model.config, "aux_loss_weights", {}) or {})
+        overrides = getattr(args, "aux_weights", None) or {}
+        unknown = sorted(set(overrides) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"aux_weights names unknown term(s) {unknown}; this model reports: "
+                f"{', '.join(sorted(defaults)) or 'no auxiliary terms'}"
+            )
+        weights = {**defaults, **overrides}
+        self.loss_weighting = LossWeighting(
+            weights,
+            strategy=getattr(args, "loss_weighting", "fixed"),
+            warmup_steps=getattr(args, "aux_warmup_steps", 0),
+            learn_task_weight=getattr(args, "learn_task_weight", False),
+        ).to(args.device)
+        # Our compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._train_terms: dict[str, torch.Tensor] = {}
+        self._train_count = 0
+        self._eval_terms: dict[str, torch.Tensor] = {}
+        self._eval_count = 0
+
+    # -- optimisation --------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        params = [p for p in self.loss_weighting.parameters() if p.requires_grad]
+        if params:
+            # Log-variances are not weights to shrink: no weight decay (the original applied it).
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        task_loss = getattr(outputs, "task_loss", None)
+        if task_loss is None:
+            task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        aux_losses = getattr(outputs, "aux_losses", None) or {}
+        step = self.state.global_step
+        total, weighted = self.loss_weighting(task_loss, aux_losses, step)
+
+        if model.training:
+            self._check_finite(task_loss, aux_losses, total, step)
+            self._accumulate(self._train_terms, task_loss, aux_losses, weighted, total)
+            self._train_count += 1
+            return (total, outputs) if return_outputs else total
+        self._accumulate(self._eval_terms, task_loss, aux_losses, weighted, total)
+        self._eval_count += 1
+        # Evaluation reports the task loss: exp(eval_loss) is then the model's perplexity, not a
+        # number inflated or deflated by regularizers.
+        return (task_loss, outputs) if return_outputs else task_loss
+
+    @staticmethod
+    def _check_finite(task_loss, aux_losses, total, step):
+        for name, value in [("task_loss", task_loss), *aux_losses.items(), ("total", total)]:
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise NonFiniteLossError(name, step, float(value.detach().float().mean()))
+
+    @staticmethod
+    def _accumulate(store, task_loss, aux_losses, weighted, total):
+        values = {"task_loss": task_loss, "total_loss": total}
+        values.update({f"aux/{k}": v for k, v in aux_losses.items()})
+        values.update({f"aux_weighted/{k}": v for k, v in weighted.items()})
+        for key, value in values.items():
+            value = value.detach().float()
+            store[key] = store[key] + value if key in store else value
+
+    # -- logging -------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_train_log = "loss" in logs and not any(k.startswith("eval_") for k in logs)
+        if is_train_log and self._train_count:
+            for key, value in self._train_terms.items():
+                if key != "total_loss":  # the Trainer already logs the total as "loss"
+                    logs[key] = value.item() / self._train_count
+            for name, weight in self.loss_weighting.current_weights(self.state.global_step).items():
+                logs[f"aux_weight/{name}"] = weight
+            self._train_terms, self._train_count = {}, 0
+        for callback in self.callback_handler.callbacks:
+            pop = getattr(callback, "pop_pending_logs", None)
+            if pop is not None:
+                logs.update(pop())
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_terms, self._eval_count = {}, 0
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._eval_count:
+            for key, value in self._eval_terms.items():
+                name = key.replace("aux_weighted/", "aux_weighted_").replace("aux/", "aux_")
+                if key == "task_loss":
+                    continue  # that is eval_loss
+                output.metrics[f"{prefix}_{name}"] = value.item() / self._eval_count
+        if f"{prefix}_loss" in output.metrics:
+            loss = output.metrics[f"{prefix}_loss"]
+            output.metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 50 else float("inf")
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.loss_weighting.strategy == "kendall_gal" and self.args.should_save:
+            # Learned loss weights travel beside, never inside, the model checkpoint.
+            path = os.path.join(output_dir or self.args.output_dir, "loss_weighting.json")
+            state = {k: v.item() for k, v in self.loss_weighting.log_vars.items()}
+            with open(path, "w") as fh:
+                json.dump({"strategy": "kendall_gal", "log_vars": state}, fh, indent=2)
