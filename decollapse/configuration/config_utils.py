@@ -20,7 +20,7 @@ OBJECTIVES = ("causal_lm", "masked_lm")
 class DecollapseConfig(PreTrainedConfig):
     """Fields and checks shared by every decollapse architecture.
 
-    Subclasses declare their own fields, call the ``check_*`` helpers in ``__post_init__`` and name
+    Subclasses declare their own fields, call the ``check_*`` helpers in ``validate()`` and name
     their auxiliary (anti-collapse) losses in ``aux_loss_weight_fields``: a map from the term's name,
     as it appears in ``outputs.aux_losses``, to the config field holding its default weight. The
     model adds ``weight * term`` to ``outputs.loss`` for every term whose weight is non-zero, the
@@ -46,6 +46,7 @@ class DecollapseConfig(PreTrainedConfig):
     eos_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        # Shared fields first, so an architecture's validate() may derive values from them safely.
         self.check_positive("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
         self.check_choice("objective", OBJECTIVES)
         self.check_range("initializer_range", 0.0, 1.0, low_inclusive=False)
@@ -53,9 +54,13 @@ class DecollapseConfig(PreTrainedConfig):
         self.check_range("layer_norm_eps", 0.0, 1.0, low_inclusive=False)
         for field in self.aux_loss_weight_fields.values():
             self.check_range(field, 0.0, float("inf"))
+        self.validate()
         super().__post_init__(**kwargs)
         # A causal LM needs the decoder flag so GenerationMixin and masking utilities treat it as one.
         self.is_decoder = self.objective == "causal_lm"
+
+    def validate(self) -> None:
+        """Architecture-specific checks and derived defaults; runs after the shared checks."""
 
     # -- validation helpers: every error names the field, the value and what is allowed ----------
     def _fail(self, field: str, allowed: str) -> None:

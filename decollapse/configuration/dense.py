@@ -34,13 +34,12 @@ class DenseConfig(DecollapseConfig):
     attention_dropout: float = 0.0
     head_diversity_weight: float = 0.0
 
-    def __post_init__(self, **kwargs):
+    def validate(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         self.check_positive("num_attention_heads", "intermediate_size")
         self.check_divisible("hidden_size", "num_attention_heads")
         self.check_range("attention_dropout", 0.0, 1.0, high_inclusive=False)
-        super().__post_init__(**kwargs)
 
     @property
     def head_dim(self) -> int:
