@@ -1,0 +1,760 @@
+"""Collapse measurements for groups of sub-units (neurons, experts, heads, concepts, blocks).
+
+Everything here is a measurement, not a loss: inputs are detached, no graph is built, and
+results are Python floats (or small CPU-friendly tensors where stated). No function returns
+NaN on degenerate input; each documents the value it returns instead.
+
+Conventions:
+
+* "vectors" are given one unit per row. A 2-D ``[n, d]`` tensor is used as is; a higher-rank
+  tensor is flattened to ``[n, -1]`` (e.g. a ``[heads, d_head, d_model]`` weight gives one
+  vector per head); a 1-D tensor is ``n`` one-dimensional units.
+* signed versus absolute cosine is always explicit in the name or in a required argument,
+  because the field mixes them up (spec mrcogito §4 reports the mean *absolute* but the max
+  *signed* cosine; spec dawn §5 counts *signed* similar pairs).
+* :class:`CollapseReport` and :func:`unit_report` are the cross-architecture contract: every
+  model reports the same metric names, prefixed per layer / unit group by the caller.
+
+Only the standard library, ``torch`` and ``transformers`` may be imported here (plus the
+sibling ``regularizers`` module): this file is copied into Hub remote-code bundles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .regularizers import pairwise_cosine
+
+__all__ = [
+    "cosine_similarity_matrix",
+    "mean_off_diagonal_cosine",
+    "max_off_diagonal_cosine",
+    "similar_pair_fraction",
+    "effective_rank_entropy",
+    "effective_rank_nuclear",
+    "top1_singular_dominance",
+    "participation_ratio",
+    "usage_counts",
+    "usage_share",
+    "gini",
+    "normalized_entropy",
+    "dead_unit_share",
+    "top_k_share",
+    "mutual_information",
+    "normalized_mutual_information",
+    "count_homonyms",
+    "homonym_separation",
+    "coactivation_strong_pairs",
+    "CollapseReport",
+    "unit_report",
+]
+
+# Tokens per block when accumulating co-activation counts: bounds memory at
+# block × num_units floats while keeping each block's counts exact in float32.
+_COACT_BLOCK = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _as_units(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach()
+    if x.dim() == 0:
+        raise ValueError("expected at least a 1-D tensor of units")
+    x = x.reshape(-1, 1) if x.dim() == 1 else x.flatten(1)
+    return x.to(_work_dtype(x))
+
+
+def _as_cpu_vector(v: torch.Tensor) -> torch.Tensor:
+    # Usage vectors are small (one entry per unit); float64 on CPU avoids float32 rounding in
+    # entropies/Gini and works for devices without float64 support.
+    return v.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+
+
+def _non_negative_cpu_vector(v: torch.Tensor, what: str) -> torch.Tensor:
+    out = _as_cpu_vector(v)
+    if out.numel() and bool((out < 0).any()):
+        raise ValueError(f"{what} must be non-negative")
+    return out
+
+
+def _off_diagonal(s: torch.Tensor) -> torch.Tensor:
+    n = s.shape[-1]
+    return s[~torch.eye(n, dtype=torch.bool, device=s.device)]
+
+
+def _upper_pairs(s: torch.Tensor) -> torch.Tensor:
+    n = s.shape[-1]
+    rows, cols = torch.triu_indices(n, n, offset=1, device=s.device)
+    return s[rows, cols]
+
+
+def _singular_values(x: torch.Tensor) -> torch.Tensor:
+    u = _as_units(x)
+    if u.numel() == 0:
+        return u.new_zeros(0)
+    return torch.linalg.svdvals(u)
+
+
+def _entropy_from_counts(c: torch.Tensor) -> float:
+    """Shannon entropy (nats) of the distribution ``c / Σc``; 0 for an empty or all-zero c."""
+    total = float(c.sum())
+    if total <= 0:
+        return 0.0
+    p = c[c > 0] / total
+    return float(-(p * p.log()).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# similarity
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Cosine-similarity matrix of the units (rows) of ``x``.
+
+    ``S_ij = x̂_i · x̂_j``, ``x̂_i = x_i / max(‖x_i‖, 1e-8)``; zero rows have cosine 0 with
+    everything (their diagonal entry is 0, not 1).
+
+    Returns a detached ``[n, n]`` float32 tensor (float64 for float64 input) on ``x``'s device.
+
+    Reference: spec mrcogito §4, spec dawn §5 (seed 001).
+    """
+    return pairwise_cosine(_as_units(x))
+
+
+def _mean_off_diag(s: torch.Tensor, absolute: bool) -> float:
+    if s.shape[-1] < 2:
+        return 0.0
+    off = _off_diagonal(s)
+    return float((off.abs() if absolute else off).mean())
+
+
+def _max_off_diag(s: torch.Tensor, absolute: bool) -> float:
+    if s.shape[-1] < 2:
+        return 0.0
+    off = _off_diagonal(s)
+    return float((off.abs() if absolute else off).max())
+
+
+def _similar_fraction(s: torch.Tensor, threshold: float, absolute: bool) -> float:
+    if s.shape[-1] < 2:
+        return 0.0
+    pairs = _upper_pairs(s)
+    pairs = pairs.abs() if absolute else pairs
+    return float((pairs > threshold).to(torch.float64).mean())
+
+
+@torch.no_grad()
+def mean_off_diagonal_cosine(x: torch.Tensor, absolute: bool) -> float:
+    """Mean off-diagonal cosine of the units of ``x``.
+
+    ``absolute=True``: ``Σ_{i≠j} |S_ij| / (n(n−1))``; ``absolute=False``: ``Σ_{i≠j} S_ij / (n(n−1))``.
+    The signed mean can be near 0 for units that are all ±copies of one vector; use the
+    absolute one to detect collapse up to sign. ``n < 2`` returns 0.0.
+
+    Reference: spec mrcogito §4 ("mean pairwise similarity", absolute); seed 000 (block similarity).
+    """
+    return _mean_off_diag(cosine_similarity_matrix(x), absolute)
+
+
+@torch.no_grad()
+def max_off_diagonal_cosine(x: torch.Tensor, absolute: bool) -> float:
+    """Largest off-diagonal cosine, ``max_{i≠j} S_ij`` (signed) or ``max_{i≠j} |S_ij|`` (absolute).
+
+    ``n < 2`` returns 0.0. Reference: spec mrcogito §4 ("max pairwise similarity", signed).
+    """
+    return _max_off_diag(cosine_similarity_matrix(x), absolute)
+
+
+@torch.no_grad()
+def similar_pair_fraction(x: torch.Tensor, threshold: float = 0.8, absolute: bool = False) -> float:
+    """Fraction of unordered pairs whose cosine exceeds ``threshold`` (strictly).
+
+    ``#{i < j : S_ij > τ} / (n(n−1)/2)`` (``|S_ij|`` when ``absolute``). Every pair is counted,
+    no sampling. ``n < 2`` returns 0.0.
+
+    Reference: spec dawn §5 ("similar pairs (>0.8)", signed, unordered; seed 001 reports 99.9%).
+    """
+    return _similar_fraction(cosine_similarity_matrix(x), threshold, absolute)
+
+
+# --------------------------------------------------------------------------------------------
+# spectrum
+# --------------------------------------------------------------------------------------------
+
+
+def _erank_entropy(sv: torch.Tensor) -> float:
+    total = float(sv.sum())
+    if total <= 0:
+        return 0.0
+    return math.exp(_entropy_from_counts(sv.to(device="cpu", dtype=torch.float64)))
+
+
+def _erank_nuclear(sv: torch.Tensor) -> float:
+    if sv.numel() == 0 or float(sv.max()) <= 0:
+        return 0.0
+    return float(sv.sum() / sv.max())
+
+
+def _top1_dominance(sv: torch.Tensor) -> float:
+    total = float(sv.sum()) if sv.numel() else 0.0
+    if total <= 0:
+        return 0.0
+    return float(sv.max()) / total
+
+
+@torch.no_grad()
+def effective_rank_entropy(x: torch.Tensor) -> float:
+    """Roy–Vetterli effective rank of the unit matrix.
+
+    ``erank = exp(H(p))``, ``H(p) = −Σ_i p_i log p_i``, ``p_i = σ_i / Σ_j σ_j`` over the singular
+    values ``σ`` of ``x`` (not squared). Range ``[1, min(n, d)]`` for a non-zero matrix; an
+    all-zero (or empty) matrix returns 0.0.
+
+    Reference: Roy & Vetterli, "The effective rank: a measure of effective dimensionality",
+    EUSIPCO 2007; spec dawn §5 (seed 001: "effective rank > 12/16").
+    """
+    return _erank_entropy(_singular_values(x))
+
+
+@torch.no_grad()
+def effective_rank_nuclear(x: torch.Tensor) -> float:
+    """Nuclear-to-spectral ratio ``Σ_i σ_i / σ_1`` (the concept-encoder "effective rank").
+
+    Range ``[1, min(n, d)]`` for a non-zero matrix; all-zero returns 0.0. Not the same number
+    as :func:`effective_rank_entropy`.
+
+    Reference: spec mrcogito §4 (seed 003, "global effective rank").
+    """
+    return _erank_nuclear(_singular_values(x))
+
+
+@torch.no_grad()
+def top1_singular_dominance(x: torch.Tensor) -> float:
+    """Share of the nuclear norm held by the top singular direction, ``σ_1 / Σ_i σ_i``.
+
+    Range ``[1/min(n, d), 1]``; 1 = rank-one collapse. All-zero returns 0.0 (so it is
+    ``1 / effective_rank_nuclear`` except in that case, where both are 0).
+
+    Reference: spec mrcogito §4 ("top-1 dominance").
+    """
+    return _top1_dominance(_singular_values(x))
+
+
+@torch.no_grad()
+def participation_ratio(x: torch.Tensor) -> float:
+    """Participation ratio of the covariance spectrum of the rows (samples) of ``x``.
+
+    ``PR = (Σ_k λ_k)² / Σ_k λ_k²`` over the eigenvalues ``λ`` of ``Cov(X)``, ``X = x.reshape(-1, d)``.
+    Computed from the singular values ``s`` of the centred ``X`` (``λ ∝ s²``; the ratio is
+    scale-free). Range ``[1, min(N − 1, d)]``; a single row or constant rows (no variance)
+    return 0.0.
+
+    Reference: spec mrcogito §4 ("participation ratio"); Gao et al., "A theory of
+    multineuronal dimensionality, dynamics and measurement", 2017.
+    """
+    xd = x.detach()
+    flat = xd.reshape(-1, xd.shape[-1]) if xd.dim() > 1 else xd.reshape(-1, 1)
+    flat = flat.to(_work_dtype(flat))
+    if flat.shape[0] < 2:
+        return 0.0
+    centred = flat - flat.mean(dim=0, keepdim=True)
+    lam = torch.linalg.svdvals(centred).to(device="cpu", dtype=torch.float64).pow(2)
+    denom = float(lam.pow(2).sum())
+    if denom <= 0:
+        return 0.0
+    return float(lam.sum() ** 2 / denom)
+
+
+# --------------------------------------------------------------------------------------------
+# usage / routing balance
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def usage_counts(
+    assignments: torch.Tensor, num_units: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How often each unit was selected.
+
+    ``count_u = Σ_{kept positions} 1[assignments = u]`` for ``u = 0 … num_units − 1``.
+
+    Args:
+        assignments: integer tensor of unit ids of any shape, e.g. top-k selections ``[B, S, k]``.
+        num_units: length of the result; ids must lie in ``[0, num_units)``.
+        mask: optional, over the *leading* dims of ``assignments`` (e.g. ``[B, S]`` attention
+            mask for ``[B, S, k]``; broadcasting of size-1 dims allowed); 0/False drops a position.
+
+    Returns:
+        ``[num_units]`` int64 tensor on ``assignments``' device.
+
+    Reference: spec dawn §5 ("neuron usage"), spec some (seed 002).
+    """
+    a = assignments.detach().long()
+    if mask is not None:
+        m = mask.detach().to(device=a.device, dtype=torch.bool)
+        if m.dim() > a.dim():
+            raise ValueError("mask has more dims than assignments")
+        m = m.reshape(tuple(m.shape) + (1,) * (a.dim() - m.dim())).expand_as(a)
+        a = a[m]
+    else:
+        a = a.reshape(-1)
+    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= num_units):
+        raise ValueError(f"unit ids must be in [0, {num_units}), got [{int(a.min())}, {int(a.max())}]")
+    return torch.bincount(a, minlength=num_units)
+
+
+@torch.no_grad()
+def usage_share(counts: torch.Tensor) -> torch.Tensor:
+    """Usage counts as a distribution, ``share_u = count_u / Σ_v count_v``.
+
+    All-zero counts give all-zero shares (not NaN). Returns float32 (float64 for float64
+    input) on ``counts``' device. Reference: spec dawn §5 (``freq``).
+    """
+    c = counts.detach().reshape(-1)
+    c = c.to(_work_dtype(c))
+    total = c.sum()
+    if float(total) <= 0:
+        return torch.zeros_like(c)
+    return c / total
+
+
+@torch.no_grad()
+def gini(values: torch.Tensor) -> float:
+    """Gini coefficient of a non-negative vector.
+
+    ``G = Σ_i Σ_j |x_i − x_j| / (2 n Σ_i x_i)``, computed as
+    ``G = 2 Σ_i i·x_(i) / (n Σ x) − (n + 1)/n`` with ``x_(1) ≤ … ≤ x_(n)``, ``i`` from 1.
+    0 = perfectly equal, ``(n−1)/n`` = all mass on one unit. All zeros, a single unit, or an
+    empty vector return 0.0. Negative entries raise ``ValueError``.
+
+    Reference: Gini 1912; spec dawn §5 and spec some (seed 002, expert-usage Gini).
+    """
+    v = _non_negative_cpu_vector(values, "gini values")
+    n = v.numel()
+    total = float(v.sum())
+    if n < 2 or total <= 0:
+        return 0.0
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    g = 2.0 * float((ranks * v.sort().values).sum()) / (n * total) - (n + 1.0) / n
+    # Rounding can leave a -1e-17 for a perfectly flat vector.
+    return max(0.0, g)
+
+
+@torch.no_grad()
+def normalized_entropy(counts_or_probs: torch.Tensor) -> float:
+    """Shannon entropy of the normalised vector divided by its maximum.
+
+    ``H(p) / log n`` with ``p = v / Σ v``, ``0 log 0 = 0``. 1 = perfectly uniform, 0 = one unit
+    takes everything. Conventions: a single unit returns 1.0 (one unit cannot be unbalanced);
+    all zeros or an empty vector return 0.0. Negative entries raise ``ValueError``.
+
+    Reference: spec dawn §5, spec some (seed 002, "normalised Shannon entropy").
+    """
+    v = _non_negative_cpu_vector(counts_or_probs, "counts_or_probs")
+    n = v.numel()
+    if n == 0 or float(v.sum()) <= 0:
+        return 0.0
+    if n == 1:
+        return 1.0
+    return _entropy_from_counts(v) / math.log(n)
+
+
+@torch.no_grad()
+def dead_unit_share(counts: torch.Tensor, threshold: float = 0) -> float:
+    """Share of units used at most ``threshold`` times: ``#{u : count_u ≤ threshold} / n``.
+
+    Empty input returns 0.0. Reference: spec some ("dead-expert share"), spec dawn §5 (1 − usage).
+    """
+    c = _as_cpu_vector(counts)
+    if c.numel() == 0:
+        return 0.0
+    return float((c <= threshold).to(torch.float64).mean())
+
+
+@torch.no_grad()
+def top_k_share(counts: torch.Tensor, k: int) -> float:
+    """Share of the total mass held by the ``k`` most used units: ``Σ_{top-k} count / Σ count``.
+
+    ``k ≥ n`` gives 1.0; ``k == 0`` or all-zero counts give 0.0; ``k < 0`` raises.
+
+    Reference: spec dawn §5 ("top-10 and top-50 shares").
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    c = _non_negative_cpu_vector(counts, "counts")
+    total = float(c.sum())
+    if total <= 0 or k == 0:
+        return 0.0
+    k = min(k, c.numel())
+    return float(c.topk(k).values.sum()) / total
+
+
+# --------------------------------------------------------------------------------------------
+# information between assignments and labels
+# --------------------------------------------------------------------------------------------
+
+
+def _paired_ids(assignments: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = assignments.detach().reshape(-1).to("cpu")
+    b = labels.detach().reshape(-1).to("cpu")
+    if a.numel() != b.numel():
+        raise ValueError(f"assignments ({a.numel()}) and labels ({b.numel()}) differ in length")
+    return a, b
+
+
+def _mi_and_entropies(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, int, int]:
+    """MI (nats), H(a), H(b) and the number of distinct values of a and b."""
+    n = a.numel()
+    if n == 0:
+        return 0.0, 0.0, 0.0, 0, 0
+    _, ai = torch.unique(a, return_inverse=True)
+    _, bi = torch.unique(b, return_inverse=True)
+    na, nb = int(ai.max()) + 1, int(bi.max()) + 1
+    row = torch.bincount(ai, minlength=na).to(torch.float64)
+    col = torch.bincount(bi, minlength=nb).to(torch.float64)
+    # Sparse contingency table: only non-empty cells, so many units × many labels stays cheap.
+    cells, nij = torch.unique(ai * nb + bi, return_counts=True)
+    nij = nij.to(torch.float64)
+    terms = (nij / n) * (nij.log() + math.log(n) - row[cells // nb].log() - col[cells % nb].log())
+    # Same cancellation guard as scikit-learn, so exact independence gives exactly 0.
+    terms = torch.where(terms.abs() < torch.finfo(torch.float64).eps, torch.zeros_like(terms), terms)
+    mi = max(0.0, float(terms.sum()))
+    return mi, _entropy_from_counts(row), _entropy_from_counts(col), na, nb
+
+
+@torch.no_grad()
+def mutual_information(assignments: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mutual information (nats) between two labellings of the same items.
+
+    ``I(A; L) = Σ_{a,l} p(a,l) log( p(a,l) / (p(a) p(l)) )`` from the contingency counts.
+    Ids are arbitrary integers (only equality matters); both tensors are flattened and must
+    have equal length. A constant labelling or empty input gives 0.0. Matches
+    ``sklearn.metrics.mutual_info_score``.
+
+    Reference: Cover & Thomas, "Elements of Information Theory"; seed 002 (MI between expert
+    clusters and token types).
+    """
+    a, b = _paired_ids(assignments, labels)
+    return _mi_and_entropies(a, b)[0]
+
+
+@torch.no_grad()
+def normalized_mutual_information(assignments: torch.Tensor, labels: torch.Tensor) -> float:
+    """Normalised mutual information with arithmetic-mean normalisation.
+
+    ``NMI = I(A; L) / ((H(A) + H(L)) / 2)``, in ``[0, 1]``. Degenerate cases follow
+    ``sklearn.metrics.normalized_mutual_info_score`` (its default ``average_method="arithmetic"``):
+    both labellings constant, or both empty, give 1.0 (identical trivial partitions); MI = 0
+    otherwise (e.g. only one of them constant) gives 0.0.
+
+    Reference: Strehl & Ghosh, JMLR 2002; Vinh, Epps & Bailey, JMLR 2010.
+    """
+    a, b = _paired_ids(assignments, labels)
+    mi, ha, hb, na, nb = _mi_and_entropies(a, b)
+    if na == nb and na <= 1:
+        return 1.0
+    if mi == 0.0:
+        return 0.0
+    return mi / ((ha + hb) / 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# homonyms and co-activation
+# --------------------------------------------------------------------------------------------
+
+
+def _sense_groups(surface_ids: torch.Tensor, sense_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = surface_ids.detach().reshape(-1).long()
+    k = sense_ids.detach().reshape(-1).long().to(s.device)
+    if s.numel() != k.numel():
+        raise ValueError("surface_ids and sense_ids differ in length")
+    if s.numel() == 0:
+        empty = s.new_zeros((0, 2))
+        return empty, s.new_zeros(0)
+    return torch.unique(torch.stack([s, k], dim=1), dim=0, return_inverse=True)
+
+
+@torch.no_grad()
+def count_homonyms(surface_ids: torch.Tensor, sense_ids: torch.Tensor) -> int:
+    """Number of distinct surface tokens that occur with at least two distinct senses.
+
+    Check this before trusting :func:`homonym_separation`, which returns 0.0 when it is 0.
+    Reference: spec sosm §8.
+    """
+    groups, _ = _sense_groups(surface_ids, sense_ids)
+    if groups.shape[0] == 0:
+        return 0
+    _, senses_per_surface = torch.unique(groups[:, 0], return_counts=True)
+    return int((senses_per_surface >= 2).sum())
+
+
+@torch.no_grad()
+def homonym_separation(hidden: torch.Tensor, surface_ids: torch.Tensor, sense_ids: torch.Tensor) -> float:
+    """Contextual sense separation of homonyms.
+
+    For each surface token ``w`` with ``≥ 2`` senses, take the sense centroids
+    ``μ_{w,s} = mean{h_t : surface_t = w, sense_t = s}`` and
+    ``sep(w) = mean_{s < s'} (1 − cos(μ_{w,s}, μ_{w,s'}))``; the result is ``mean_w sep(w)``.
+    Range ``[0, 2]``; 0 = senses indistinguishable. Measured on contextual hidden states (not
+    embedding tables, the flaw the spec notes in the original test).
+
+    Conventions: no homonym present returns 0.0 — use :func:`count_homonyms` to tell this
+    apart from real collapse; two all-zero centroids count as identical (separation 0); a zero
+    centroid against a non-zero one has cosine 0 (separation 1).
+
+    Args:
+        hidden: ``[T, d]`` or ``[B, S, d]`` hidden states.
+        surface_ids, sense_ids: one integer per position (``[T]`` or ``[B, S]``).
+
+    Reference: seed 000 ("homonym separation > 0.3"); spec sosm §8 (needle test, 1 − cos).
+    """
+    h = hidden.detach()
+    h = h.reshape(-1, h.shape[-1])
+    h = h.to(_work_dtype(h))
+    groups, inverse = _sense_groups(surface_ids, sense_ids)
+    if inverse.numel() != h.shape[0]:
+        raise ValueError(f"{inverse.numel()} ids for {h.shape[0]} hidden vectors")
+    if groups.shape[0] == 0:
+        return 0.0
+    inverse = inverse.to(h.device)
+    sums = torch.zeros(groups.shape[0], h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, inverse, h)
+    sizes = torch.bincount(inverse, minlength=groups.shape[0]).to(h.dtype)
+    centroids = sums / sizes.unsqueeze(1)
+    surfaces = groups[:, 0].to(h.device)
+    per_surface: list[float] = []
+    for w in torch.unique(surfaces):
+        idx = (surfaces == w).nonzero().squeeze(1)
+        if idx.numel() < 2:
+            continue
+        c = centroids[idx]
+        sim = pairwise_cosine(c)
+        is_zero = c.abs().sum(dim=1) == 0
+        sim = torch.where(is_zero.unsqueeze(0) & is_zero.unsqueeze(1), torch.ones_like(sim), sim)
+        per_surface.append(float((1.0 - _upper_pairs(sim)).mean()))
+    if not per_surface:
+        return 0.0
+    return sum(per_surface) / len(per_surface)
+
+
+@torch.no_grad()
+def coactivation_strong_pairs(
+    assignments: torch.Tensor,
+    num_units: int,
+    threshold: float = 0.8,
+    mask: torch.Tensor | None = None,
+) -> int:
+    """Number of unordered unit pairs that (almost) always fire together.
+
+    With ``C_ij = #{tokens selecting both i and j}`` (``i ≠ j``) and ``n_i = #{tokens selecting i}``,
+    ``P(j | i) = C_ij / n_i`` (0 when ``n_i = 0``). A pair is strong when
+    ``P(j | i) > τ`` and ``P(i | j) > τ``. Such pairs act as one unit.
+
+    Args:
+        assignments: ``[T, k]`` (or ``[..., k]``) unit ids selected per token; a repeated id within
+            one token counts once. ``[T]`` (one unit per token) has no pairs and returns 0.
+        num_units: number of units; ids must lie in ``[0, num_units)``.
+        threshold: ``τ``.
+        mask: optional ``[T]`` (or the leading dims) weights; 0 drops a token.
+
+    Reference: spec dawn §5 ("co-activation", strong pairs at 0.8; seed 001).
+    """
+    a = assignments.detach().long()
+    if a.dim() < 2:
+        return 0
+    k = a.shape[-1]
+    m = None
+    if mask is not None:
+        m = mask.detach().to(device=a.device, dtype=torch.float32)
+        m = m.reshape(tuple(m.shape) + (1,) * (a.dim() - 1 - m.dim())).expand(a.shape[:-1]).reshape(-1)
+    a = a.reshape(-1, k)
+    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= num_units):
+        raise ValueError(f"unit ids must be in [0, {num_units})")
+    co = torch.zeros(num_units, num_units, dtype=torch.int64, device=a.device)
+    for start in range(0, a.shape[0], _COACT_BLOCK):
+        block = a[start : start + _COACT_BLOCK]
+        onehot = torch.zeros(block.shape[0], num_units, dtype=torch.float32, device=a.device)
+        onehot.scatter_(1, block, 1.0)
+        if m is not None:
+            onehot = onehot * (m[start : start + _COACT_BLOCK] != 0).to(torch.float32).unsqueeze(1)
+        # Each block holds ≤ 4096 tokens, so float32 counts are exact before the int64 sum.
+        co += (onehot.transpose(0, 1) @ onehot).round().to(torch.int64)
+    n_i = co.diagonal().clone()
+    co.fill_diagonal_(0)
+    cond = co.to(torch.float32) / n_i.clamp_min(1).to(torch.float32).unsqueeze(1)  # cond[i, j] = P(j | i)
+    strong = (cond > threshold) & (cond.transpose(0, 1) > threshold)
+    return int(torch.triu(strong, diagonal=1).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _join(prefix: str, name: str) -> str:
+    if not prefix:
+        return name
+    return f"{prefix}{name}" if prefix.endswith(".") else f"{prefix}.{name}"
+
+
+@dataclass
+class CollapseReport:
+    """Named collapse measurements, shared by every architecture.
+
+    ``metrics`` are scalars (e.g. ``"layer0.heads.mean_abs_cosine"``), ``matrices`` 2-D tensors
+    (similarity heatmaps), ``distributions`` 1-D tensors (usage histograms). Tensors are stored
+    detached on CPU.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    distributions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def update(self, other: "CollapseReport", prefix: str = "") -> "CollapseReport":
+        """Merge ``other`` into this report, naming each entry ``prefix + "." + name``.
+
+        A prefix that already ends in ``"."`` is used as is; ``""`` keeps the names. Entries with
+        the same final name are overwritten. Returns ``self`` for chaining.
+        """
+        for name, value in other.metrics.items():
+            self.metrics[_join(prefix, name)] = float(value)
+        for name, mat in other.matrices.items():
+            self.matrices[_join(prefix, name)] = mat.detach().cpu()
+        for name, dist in other.distributions.items():
+            self.distributions[_join(prefix, name)] = dist.detach().cpu()
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-able dict: ``{"metrics": {name: float}, "distributions": {name: list},
+        "matrices": {name: list of lists}}``."""
+        return {
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            "distributions": {k: v.detach().cpu().reshape(-1).tolist() for k, v in self.distributions.items()},
+            "matrices": {k: v.detach().cpu().tolist() for k, v in self.matrices.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CollapseReport":
+        """Inverse of :meth:`to_dict` (tensors come back as float32); missing sections are empty."""
+        return cls(
+            metrics={k: float(v) for k, v in d.get("metrics", {}).items()},
+            matrices={k: torch.tensor(v, dtype=torch.float32) for k, v in d.get("matrices", {}).items()},
+            distributions={
+                k: torch.tensor(v, dtype=torch.float32) for k, v in d.get("distributions", {}).items()
+            },
+        )
+
+    def to_markdown(self) -> str:
+        """Two-column markdown table ``| metric | value |`` of the scalar metrics, sorted by name,
+        values with 4 significant digits."""
+        lines = ["| metric | value |", "|---|---|"]
+        for name in sorted(self.metrics):
+            # A literal "|" in a name would split the row into extra cells.
+            shown = name.replace("|", "\\|")
+            lines.append(f"| {shown} | {self.metrics[name]:.4g} |")
+        return "\n".join(lines)
+
+
+def _aligned_labels(assignments: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Top-k assignments [B, S, k] with per-token labels [B, S]: each (token, slot) pair gets the
+    # token's label, so MI measures how much a selection tells about the token's label.
+    if assignments.numel() != labels.numel() and labels.dim() < assignments.dim():
+        if tuple(assignments.shape[: labels.dim()]) == tuple(labels.shape):
+            extra = assignments.dim() - labels.dim()
+            labels = labels.reshape(tuple(labels.shape) + (1,) * extra).expand_as(assignments)
+    return assignments.reshape(-1), labels.reshape(-1)
+
+
+@torch.no_grad()
+def unit_report(
+    vectors: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    assignments: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    num_units: int | None = None,
+    similar_threshold: float = 0.8,
+) -> CollapseReport:
+    """The standard collapse bundle for one group of units, with unprefixed names.
+
+    From ``vectors`` ``[n, d]`` (one unit per row, see module conventions):
+    ``mean_abs_cosine``, ``mean_signed_cosine``, ``max_signed_cosine``, ``max_abs_cosine``,
+    ``similar_pair_fraction`` (signed, ``> similar_threshold``), ``effective_rank_entropy``,
+    ``effective_rank_entropy_ratio`` (÷ ``min(n, d)``), ``effective_rank_nuclear``,
+    ``top1_dominance``, and the matrix ``similarity``.
+
+    From ``counts`` ``[n]`` — or, if ``counts`` is None, from ``assignments`` counted with
+    ``num_units`` (default: ``len(vectors)`` if given, else ``max id + 1``): ``usage`` (share of
+    units used at least once), ``gini``, ``normalized_entropy``, ``dead_share`` (count 0),
+    ``top1_share``, and the distribution ``usage_share``.
+
+    From ``labels`` together with ``assignments``: ``mutual_information`` and
+    ``normalized_mutual_information``. Both are flattened and paired element-wise; per-token
+    labels ``[B, S]`` are repeated over the slots of ``[B, S, k]`` assignments.
+
+    Callers prefix the names with :meth:`CollapseReport.update`, e.g.
+    ``report.update(unit_report(...), prefix="layer0.heads")``.
+
+    Reference: specs mrcogito §4 and dawn §5 (the metrics unified here).
+    """
+    report = CollapseReport()
+    if vectors is not None:
+        units = _as_units(vectors)
+        n, d = units.shape
+        sim = pairwise_cosine(units)
+        sv = torch.linalg.svdvals(units) if units.numel() else units.new_zeros(0)
+        erank = _erank_entropy(sv)
+        report.metrics.update(
+            {
+                "mean_abs_cosine": _mean_off_diag(sim, absolute=True),
+                "mean_signed_cosine": _mean_off_diag(sim, absolute=False),
+                "max_signed_cosine": _max_off_diag(sim, absolute=False),
+                "max_abs_cosine": _max_off_diag(sim, absolute=True),
+                "similar_pair_fraction": _similar_fraction(sim, similar_threshold, absolute=False),
+                "effective_rank_entropy": erank,
+                "effective_rank_entropy_ratio": erank / min(n, d) if min(n, d) > 0 else 0.0,
+                "effective_rank_nuclear": _erank_nuclear(sv),
+                "top1_dominance": _top1_dominance(sv),
+            }
+        )
+        report.matrices["similarity"] = sim.detach().to("cpu", torch.float32)
+
+    if counts is None and assignments is not None:
+        if num_units is None:
+            if vectors is not None:
+                num_units = int(vectors.shape[0])
+            else:
+                num_units = int(assignments.max()) + 1 if assignments.numel() else 0
+        counts = usage_counts(assignments, num_units)
+    if counts is not None:
+        c = counts.detach().reshape(-1)
+        if num_units is not None and c.numel() != num_units:
+            raise ValueError(f"counts has {c.numel()} entries but num_units={num_units}")
+        report.metrics.update(
+            {
+                "usage": 1.0 - dead_unit_share(c, threshold=0) if c.numel() else 0.0,
+                "gini": gini(c),
+                "normalized_entropy": normalized_entropy(c),
+                "dead_share": dead_unit_share(c, threshold=0),
+                "top1_share": top_k_share(c, 1),
+            }
+        )
+        report.distributions["usage_share"] = usage_share(c).to("cpu", torch.float32)
+
+    if labels is not None:
+        if assignments is None:
+            raise ValueError("labels need assignments to compute mutual information")
+        a, b = _aligned_labels(assignments, labels)
+        report.metrics["mutual_information"] = mutual_information(a, b)
+        report.metrics["normalized_mutual_information"] = normalized_mutual_information(a, b)
+    return report
