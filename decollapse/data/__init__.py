@@ -1,0 +1,23 @@
+"""Training data for decollapse models: the embedded synthetic benchmark language (with exact
+Bayes-optimal bounds and ground-truth labels) and real text corpora through ``datasets``."""
+
+from .synthetic import (
+    DOMAIN_NAMES,
+    WORD_CLASS_NAMES,
+    SyntheticCorpus,
+    SyntheticCorpusConfig,
+    SyntheticLanguage,
+    build_synthetic_corpus,
+)
+from .text import TextCorpus, load_text_corpus
+
+__all__ = [
+    "DOMAIN_NAMES",
+    "WORD_CLASS_NAMES",
+    "SyntheticCorpus",
+    "SyntheticCorpusConfig",
+    "SyntheticLanguage",
+    "TextCorpus",
+    "build_synthetic_corpus",
+    "load_text_corpus",
+]
