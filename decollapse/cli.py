@@ -1,0 +1,147 @@
+"""The ``decollapse`` command line: ``train``, ``diagnose`` and ``list``.
+
+Bad input gets one line on stderr and exit code 2; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(_fail(f"{message} (see `{self.prog} --help`)"))
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"decollapse: error: {message}\n")
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="decollapse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train an architecture (on the embedded corpus by default)")
+    train.add_argument("arch", help="architecture name (`decollapse list`)")
+    train.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="'synthetic' (default, embedded corpus), a local text file or folder, or a Hub id[:config]",
+    )
+    train.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 5000)")
+    train.add_argument("--output-dir", type=Path, default=None, help="default: runs/<arch>-<timestamp>")
+    train.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    train.add_argument(
+        "--set", dest="settings", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override model, training (train.*) or corpus (corpus.*) knobs",
+    )
+
+    diagnose = sub.add_parser("diagnose", help="collapse report of a checkpoint folder")
+    diagnose.add_argument("checkpoint", type=Path)
+    diagnose.add_argument("--plots-dir", type=Path, default=None, help="default: CHECKPOINT/plots")
+    diagnose.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    sub.add_parser("list", help="architectures, variants and knobs with their defaults")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"train": _cmd_train, "diagnose": _cmd_diagnose, "list": _cmd_list}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written")
+
+
+def _cmd_train(args) -> int:
+    from .runner import TrainJob, UsageError, run
+    from .settings import SettingError, parse_assignments
+    from .trainers import NonFiniteLossError
+
+    try:
+        settings = parse_assignments(args.settings)
+    except SettingError as err:
+        return _fail(str(err))
+    job = TrainJob(
+        arch=args.arch,
+        dataset=args.dataset,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        settings=settings,
+        max_steps=args.max_steps,
+    )
+    try:
+        from .runner import plan
+
+        output_dir = plan(job)["output_dir"]
+        job.output_dir = output_dir
+        summary = run(job)
+    except UsageError as err:
+        return _fail(str(err))
+    except NonFiniteLossError as err:
+        return _fail(f"{err}; training stopped, last good weights kept in {job.output_dir}/last-good-checkpoint")
+    metrics = summary["metrics"]
+    print(f"wrote {job.output_dir}")
+    for split in ("validation", "test"):
+        if f"{split}_perplexity" not in metrics:
+            continue
+        line = f"{split} perplexity {metrics[f'{split}_perplexity']:.3f}"
+        if f"{split}_optimal_perplexity" in metrics:
+            line += (
+                f"  (Bayes-optimal {metrics[f'{split}_optimal_perplexity']:.3f}, "
+                f"ratio {metrics[f'{split}_perplexity_ratio']:.3f})"
+            )
+        print(line)
+    for alarm in summary["alarms"]:
+        print(f"collapse alarm at step {alarm['step']}: {alarm['message']}")
+    return 0
+
+
+def _cmd_diagnose(args) -> int:
+    from .diagnose import DiagnoseError, diagnose
+
+    try:
+        report, plots = diagnose(args.checkpoint, args.plots_dir)
+    except DiagnoseError as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(report.to_dict()["metrics"], indent=2))
+    else:
+        print(report.to_markdown())
+        if plots:
+            print(f"\nplots: {plots[0].parent}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .data import SyntheticCorpusConfig
+    from .registry import ARCHITECTURES
+    from .runner import TrainRecipe
+
+    for arch in ARCHITECTURES.values():
+        print(f"{arch.name}: {arch.summary}")
+        print(f"  objectives: {', '.join(arch.objectives)}  (--set objective=...)")
+        print(f"  classes: {', '.join(arch.models.values())}")
+        for key, value in arch.config_class.knobs().items():
+            print(f"    {key} = {value!r}")
+    print("training knobs (--set key=value or train.key=value):")
+    for f in dataclasses.fields(TrainRecipe):
+        print(f"    {f.name} = {f.default if f.default is not dataclasses.MISSING else None!r}")
+    print("embedded corpus knobs (--set corpus.key=value):")
+    for f in dataclasses.fields(SyntheticCorpusConfig):
+        print(f"    corpus.{f.name} = {f.default!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

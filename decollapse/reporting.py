@@ -1,0 +1,135 @@
+"""Plots and the short ``report.md`` written next to every checkpoint.
+
+matplotlib runs on the non-interactive Agg backend: this is called from training jobs and CI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .modeling.diagnostics import CollapseReport  # noqa: E402
+
+LOSS_PREFIXES = ("loss", "task_loss", "aux/", "aux_weighted/")
+
+
+def write_plots(folder: Path, log_history: list[dict], report: CollapseReport) -> list[Path]:
+    """Loss terms over time, one heatmap per similarity matrix and one histogram per usage
+    distribution. Returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = plot_losses(log_history, folder / "losses.png")
+    if path is not None:
+        written.append(path)
+    for name, matrix in sorted(report.matrices.items()):
+        written.append(_heatmap(name, matrix, folder / f"{_slug(name)}.png"))
+    for name, values in sorted(report.distributions.items()):
+        written.append(_histogram(name, values, folder / f"{_slug(name)}.png"))
+    return written
+
+
+def plot_losses(log_history: list[dict], path: Path) -> Path | None:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        for key, value in entry.items():
+            if key.startswith(LOSS_PREFIXES) and isinstance(value, (int, float)):
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(step)
+                ys.append(value)
+        if "eval_loss" in entry:
+            xs, ys = series.setdefault("eval_loss (task)", ([], []))
+            xs.append(step)
+            ys.append(entry["eval_loss"])
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, label=key, marker="o" if len(xs) < 3 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    if any(min(ys) > 0 for _, ys in series.values()):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("loss terms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _heatmap(name: str, matrix, path: Path) -> Path:
+    data = matrix.detach().cpu().float().numpy() if hasattr(matrix, "detach") else matrix
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(data, vmin=-1, vmax=1, cmap="RdBu_r")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _histogram(name: str, values, path: Path) -> Path:
+    data = values.detach().cpu().float().numpy() if hasattr(values, "detach") else values
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(range(len(data)), sorted(data, reverse=True), width=1.0)
+    ax.set_xlabel("unit (sorted by share)")
+    ax.set_ylabel("share")
+    ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def write_report(
+    path: Path,
+    summary: dict[str, Any],
+    report: CollapseReport,
+    corpus: dict[str, Any] | None,
+    plots: list[Path],
+) -> None:
+    m = summary["metrics"]
+    lines = [
+        f"# decollapse run: {summary['architecture']} ({summary['objective']})",
+        "",
+        f"- data: `{summary['dataset']}`; {summary['steps']} steps, {summary['train_tokens']:,} training tokens, "
+        f"{summary['train_seconds']} s; {summary['num_parameters']:,} parameters",
+        f"- settings: `{summary['settings'] or 'defaults'}`",
+        "",
+        "## Held-out results",
+        "",
+        "| split | task loss (nats) | perplexity | Bayes-optimal perplexity | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for split in ("validation", "test"):
+        if f"{split}_loss" not in m:
+            continue
+        bound = m.get(f"{split}_optimal_perplexity")
+        ratio = m.get(f"{split}_perplexity_ratio")
+        lines.append(
+            f"| {split} | {m[f'{split}_loss']:.4f} | {m[f'{split}_perplexity']:.3f} | "
+            f"{'n/a' if bound is None else f'{bound:.3f}'} | {'n/a' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    if corpus is not None:
+        lines += [
+            "",
+            "The Bayes-optimal perplexity is computed exactly (forward algorithm over the generator's hidden "
+            "states) on the same examples and positions the model is scored on.",
+        ]
+    lines += ["", "## Collapse diagnostics (probe batch from the validation split)", "", report.to_markdown()]
+    if summary.get("alarms"):
+        lines += ["", "## Alarms", ""] + [f"- step {a['step']}: {a['criterion']}: {a['message']}" for a in summary["alarms"]]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path.write_text("\n".join(lines) + "\n")

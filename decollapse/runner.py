@@ -1,0 +1,362 @@
+"""The ``decollapse train`` job: data -> model -> DecollapseTrainer -> evaluation -> a complete
+output folder, or nothing at all.
+
+Everything the user typed is validated before any work starts. The run writes into a temporary
+sibling folder and renames it into place only when it is complete, so an interrupted or failed run
+never leaves a half-written output directory. The one deliberate exception is a non-finite loss: the
+last good weights are kept in ``DIR/last-good-checkpoint`` (a complete checkpoint) for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import DataCollatorForLanguageModeling, set_seed
+
+from . import __version__
+from .data import SyntheticCorpusConfig, build_synthetic_corpus, load_text_corpus
+from .registry import get_architecture
+from .settings import apply_settings
+from .trainers import (
+    CollapseMonitorCallback,
+    DecollapseTrainer,
+    DecollapseTrainingArguments,
+    NonFiniteGuardCallback,
+    NonFiniteLossError,
+)
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+LABEL_COLUMNS = ("domain", "word_class", "sense")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line with exit code 2."""
+
+
+@dataclass
+class TrainRecipe:
+    """Training knobs of ``decollapse train`` (settable with ``--set``).
+
+    Defaults are the two-minute CPU recipe of ``shared/notes/corpus-calibration.md``: small batches
+    and many optimizer steps, because on the embedded corpus models only start inferring the domain
+    after 1-2k steps.
+    """
+
+    max_steps: int = 5000
+    batch_size: int = 4
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logging_steps: int = 50
+    eval_steps: int = 1000
+    eval_batch_size: int = 32
+    save_steps: int = 1000
+    loss_weighting: str = "fixed"
+    aux_warmup_steps: int = 0
+    aux_weights: dict[str, float] | None = None
+    monitor_every: int = 1000
+    probe_size: int = 16
+    stop_on_alarm: bool = False
+    mlm_probability: float = 0.15
+    block_size: int = 128
+    report_to: str = "none"
+
+
+@dataclass
+class TrainJob:
+    arch: str
+    dataset: str = SYNTHETIC
+    dataset_config: str | None = None
+    output_dir: Path | None = None
+    overwrite: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+    max_steps: int | None = None
+
+
+def default_output_dir(arch: str) -> Path:
+    return Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def plan(job: TrainJob) -> dict[str, Any]:
+    """Validates the whole job and returns its resolved parts; raises UsageError on bad input."""
+    try:
+        arch = get_architecture(job.arch)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        sets = apply_settings(
+            job.settings,
+            {"model": arch.config_class, "train": TrainRecipe, "corpus": SyntheticCorpusConfig},
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    recipe = TrainRecipe(**sets["train"])
+    if job.max_steps is not None:
+        recipe.max_steps = job.max_steps
+    if recipe.max_steps <= 0:
+        raise UsageError(f"--max-steps {recipe.max_steps}: expected a positive integer")
+    if recipe.batch_size <= 0:
+        raise UsageError(f"--set batch_size={recipe.batch_size}: expected a positive integer")
+    if sets["corpus"] and job.dataset != SYNTHETIC:
+        raise UsageError("corpus.* settings only apply to the embedded synthetic corpus")
+    try:
+        corpus_config = SyntheticCorpusConfig(**sets["corpus"])
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    # Check the model settings now (with a placeholder vocabulary) rather than after building data.
+    try:
+        arch.config_class(**sets["model"])
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    objective = sets["model"].get("objective", "causal_lm")
+    if objective not in arch.objectives:
+        raise UsageError(f"{arch.name} has no {objective} head; choose one of {', '.join(arch.objectives)}")
+
+    if job.dataset != SYNTHETIC and _looks_local(job.dataset) and not Path(job.dataset).exists():
+        raise UsageError(f"--dataset {job.dataset}: no such file or directory")
+
+    output_dir = job.output_dir or default_output_dir(arch.name)
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise UsageError(f"--output-dir {output_dir}: exists and is not a directory")
+        if any(output_dir.iterdir()) and not job.overwrite:
+            raise UsageError(f"--output-dir {output_dir}: not empty; pass --overwrite to replace it")
+    return {
+        "arch": arch,
+        "recipe": recipe,
+        "model_settings": sets["model"],
+        "corpus_config": corpus_config,
+        "objective": objective,
+        "output_dir": output_dir,
+    }
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source and not _looks_like_hub_id(source)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split(":")[0].split("/")
+    return len(parts) == 2 and not Path(source.split(":")[0]).exists() and not source.startswith((".", "/"))
+
+
+def load_data(job: TrainJob, parts: dict[str, Any]):
+    """Returns (DatasetDict, tokenizer, corpus summary dict or None)."""
+    if job.dataset == SYNTHETIC:
+        corpus = build_synthetic_corpus(parts["corpus_config"])
+        return corpus.dataset, corpus.tokenizer, corpus.to_json()
+    source, _, hub_config = job.dataset.partition(":")
+    try:
+        corpus = load_text_corpus(
+            source,
+            hub_config=hub_config or job.dataset_config,
+            block_size=parts["recipe"].block_size,
+            seed=parts["recipe"].seed,
+        )
+    except (ValueError, OSError, FileNotFoundError) as err:
+        raise UsageError(f"--dataset {job.dataset}: {err}") from None
+    if len(corpus.dataset["train"]) == 0:
+        raise UsageError(f"--dataset {job.dataset}: the training split is empty")
+    return corpus.dataset, corpus.tokenizer, None
+
+
+def build_model(parts: dict[str, Any], tokenizer, seq_len: int):
+    arch = parts["arch"]
+    settings = dict(parts["model_settings"])
+    settings.setdefault("max_position_embeddings", seq_len)
+    config = arch.config_class(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **settings,
+    )
+    return arch.model_for_objective(parts["objective"])(config)
+
+
+def probe_batch(split, size: int) -> dict[str, torch.Tensor]:
+    rows = split.select(range(min(size, len(split))))
+    batch = {"input_ids": torch.tensor(rows["input_ids"])}
+    for column in LABEL_COLUMNS:
+        if column in rows.column_names:
+            batch[column] = torch.tensor(rows[column])
+    return batch
+
+
+def run(job: TrainJob) -> dict[str, Any]:
+    """Runs the job; returns the final metrics. Raises UsageError or NonFiniteLossError."""
+    parts = plan(job)
+    recipe: TrainRecipe = parts["recipe"]
+    output_dir: Path = parts["output_dir"]
+    set_seed(recipe.seed)
+    dataset, tokenizer, corpus_summary = load_data(job, parts)
+    seq_len = len(dataset["train"][0]["input_ids"])
+    model = build_model(parts, tokenizer, seq_len)
+    probe = probe_batch(dataset["validation"], recipe.probe_size)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        metrics = _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work)
+    except NonFiniteLossError:
+        _keep_last_good(model, tokenizer, output_dir, job.overwrite)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _publish(work, output_dir)
+    return metrics
+
+
+def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work: Path):
+    recipe: TrainRecipe = parts["recipe"]
+    objective = parts["objective"]
+    args = DecollapseTrainingArguments(
+        output_dir=str(work / "trainer"),
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_steps,
+        lr_scheduler_type=recipe.lr_scheduler,
+        max_grad_norm=recipe.max_grad_norm,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+        eval_strategy="steps",
+        eval_steps=recipe.eval_steps,
+        save_strategy="no",
+        report_to=[] if recipe.report_to == "none" else [recipe.report_to],
+        logging_dir=str(work / "logs"),
+        dataloader_num_workers=0,
+        loss_weighting=recipe.loss_weighting,
+        aux_weights=recipe.aux_weights,
+        aux_warmup_steps=recipe.aux_warmup_steps,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm=objective == "masked_lm", mlm_probability=recipe.mlm_probability, seed=recipe.seed
+    )
+    keep = ["input_ids"]
+    train = dataset["train"].select_columns(keep)
+    validation = dataset["validation"].select_columns(keep)
+    monitor = CollapseMonitorCallback(probe, every_n_steps=recipe.monitor_every, stop_on_alarm=recipe.stop_on_alarm)
+    try:
+        trainer = DecollapseTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=validation,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=[monitor, NonFiniteGuardCallback()],
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    started = time.time()
+    trainer.train()
+    train_seconds = time.time() - started
+
+    final: dict[str, Any] = {}
+    for split in ("validation", "test"):
+        if split in dataset:
+            final.update(
+                trainer.evaluate(eval_dataset=dataset[split].select_columns(keep), metric_key_prefix=split)
+            )
+    if corpus_summary is not None and objective == "causal_lm":
+        for split in ("validation", "test"):
+            bound = corpus_summary["bounds"][split]["perplexity"]
+            final[f"{split}_optimal_perplexity"] = bound
+            final[f"{split}_perplexity_ratio"] = final[f"{split}_perplexity"] / bound
+
+    report = model.collapse_report(probe)
+    checkpoint = work  # the folder root is the checkpoint: from_pretrained(DIR) just works
+    trainer.save_model(str(checkpoint))
+    tokenizer.save_pretrained(str(checkpoint))
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    save_file({k: v.contiguous() for k, v in probe.items()}, str(work / "probe_batch.safetensors"))
+    summary = {
+        "decollapse_version": __version__,
+        "architecture": parts["arch"].name,
+        "objective": objective,
+        "dataset": job.dataset,
+        "steps": trainer.state.global_step,
+        "train_tokens": trainer.state.global_step * recipe.batch_size * len(train[0]["input_ids"]),
+        "train_seconds": round(train_seconds, 1),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "recipe": asdict(recipe),
+        "settings": job.settings,
+        "metrics": final,
+        "alarms": [asdict(a) for a in monitor.alarms],
+    }
+    _write_json(work / "metrics.json", summary)
+    _write_json(work / "training_log.json", trainer.state.log_history)
+    _write_json(work / "diagnostics.json", {"step": trainer.state.global_step, **report.to_dict()})
+    if corpus_summary is not None:
+        _write_json(work / "corpus.json", corpus_summary)
+
+    from .reporting import write_plots, write_report
+
+    plots = write_plots(work / "plots", trainer.state.log_history, report)
+    write_report(work / "report.md", summary, report, corpus_summary, plots)
+    return summary
+
+
+def _write_json(path: Path, payload) -> None:
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2, default=_jsonable)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _publish(work: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        # --overwrite was checked in plan(); swap atomically enough: move the old one aside first.
+        trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(trash)
+        work.rename(output_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        work.rename(output_dir)
+
+
+def _keep_last_good(model, tokenizer, output_dir: Path, overwrite: bool) -> None:
+    """Save the weights in memory (the guard stops before any non-finite update) as a complete
+    checkpoint in DIR/last-good-checkpoint."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        logger.error("weights are already non-finite; nothing kept")
+        return
+    target = output_dir / "last-good-checkpoint"
+    staging = Path(tempfile.mkdtemp(prefix=".last-good-", dir=output_dir.parent))
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    if output_dir.exists() and overwrite:
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging.rename(target)
