@@ -88,6 +88,17 @@ def _histogram(name: str, values, path: Path) -> Path:
     return path
 
 
+def rerun_command(summary: dict[str, Any]) -> str:
+    """The command that reproduces the run (output folder aside)."""
+    parts = ["decollapse train", summary["architecture"]]
+    if summary["dataset"] != "synthetic":
+        parts += ["--dataset", str(summary["dataset"])]
+    parts += ["--max-steps", str(summary["steps"])]
+    if summary["settings"]:
+        parts += ["--set"] + [f"{k}={v}" for k, v in summary["settings"].items()]
+    return " ".join(parts)
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
@@ -105,7 +116,7 @@ def write_report(
         "",
         f"- data: `{summary['dataset']}`; {summary['steps']} steps, {summary['train_tokens']:,} training tokens, "
         f"{summary['train_seconds']} s; {summary['num_parameters']:,} parameters",
-        f"- settings: `{summary['settings'] or 'defaults'}`",
+        f"- rerun: `{rerun_command(summary)}`",
         "",
         "## Held-out results",
         "",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from transformers import DataCollatorForLanguageModeling, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from . import __version__
 from .data import SyntheticCorpusConfig, build_synthetic_corpus, load_text_corpus
@@ -34,6 +35,7 @@ from .trainers import (
     DecollapseTrainingArguments,
     NonFiniteGuardCallback,
     NonFiniteLossError,
+    QuietProgressCallback,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,6 @@ class TrainRecipe:
     logging_steps: int = 50
     eval_steps: int = 1000
     eval_batch_size: int = 32
-    save_steps: int = 1000
     loss_weighting: str = "fixed"
     aux_warmup_steps: int = 0
     aux_weights: dict[str, float] | None = None
@@ -160,7 +161,7 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
     """Returns (DatasetDict, tokenizer, corpus summary dict or None)."""
     if job.dataset == SYNTHETIC:
         corpus = build_synthetic_corpus(parts["corpus_config"])
-        return corpus.dataset, corpus.tokenizer, corpus.to_json()
+        return corpus.dataset, corpus.tokenizer, corpus.summary()
     source, _, hub_config = job.dataset.partition(":")
     try:
         corpus = load_text_corpus(
@@ -245,7 +246,6 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         eval_steps=recipe.eval_steps,
         save_strategy="no",
         report_to=[] if recipe.report_to == "none" else [recipe.report_to],
-        logging_dir=str(work / "logs"),
         dataloader_num_workers=0,
         loss_weighting=recipe.loss_weighting,
         aux_weights=recipe.aux_weights,
@@ -271,6 +271,8 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgressCallback)
     started = time.time()
     trainer.train()
     train_seconds = time.time() - started
@@ -292,6 +294,8 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     trainer.save_model(str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
     shutil.rmtree(work / "trainer", ignore_errors=True)
+    # The Trainer pickles its arguments next to the weights; a checkpoint holds no pickle files.
+    (work / "training_args.bin").unlink(missing_ok=True)
     save_file({k: v.contiguous() for k, v in probe.items()}, str(work / "probe_batch.safetensors"))
     summary = {
         "decollapse_version": __version__,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 import typing
 from typing import Any
 
@@ -18,8 +19,27 @@ class SettingError(ValueError):
 
 
 def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    return {f.name: _annotation(cls, f) for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+
+def _annotation(cls, f: dataclasses.Field) -> Any:
+    """The field's type, evaluated in the module of the class that declared it.
+
+    ``typing.get_type_hints`` on the whole class fails on forward references inside transformers'
+    own base config, so each annotation is resolved alone; an unresolvable one falls back to the
+    type of the field's default.
+    """
+    if not isinstance(f.type, str):
+        return f.type
+    for klass in cls.__mro__:
+        if f.name in getattr(klass, "__annotations__", {}):
+            namespace = vars(sys.modules[klass.__module__])
+            try:
+                return eval(f.type, dict(namespace))  # noqa: S307 - annotations of our own classes
+            except Exception:
+                break
+    default = f.default if f.default is not dataclasses.MISSING else None
+    return type(default) if default is not None else Any
 
 
 def _convert(key: str, raw: str, annotation: Any) -> Any:

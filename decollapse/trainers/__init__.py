@@ -1,6 +1,6 @@
 """Training on the Hugging Face Trainer with auxiliary (anti-collapse) losses."""
 
-from .callbacks import CollapseAlarm, CollapseMonitorCallback, NonFiniteGuardCallback
+from .callbacks import CollapseAlarm, CollapseMonitorCallback, NonFiniteGuardCallback, QuietProgressCallback
 from .trainer import DecollapseTrainer, DecollapseTrainingArguments, NonFiniteLossError
 from .weighting import STRATEGIES, LossWeighting
 
@@ -12,5 +12,6 @@ __all__ = [
     "LossWeighting",
     "NonFiniteGuardCallback",
     "NonFiniteLossError",
+    "QuietProgressCallback",
     "STRATEGIES",
 ]
