@@ -129,7 +129,7 @@ def plan(job: TrainJob) -> dict[str, Any]:
     if objective not in arch.objectives:
         raise UsageError(f"{arch.name} has no {objective} head; choose one of {', '.join(arch.objectives)}")
 
-    if job.dataset != SYNTHETIC and _looks_local(job.dataset) and not Path(job.dataset).exists():
+    if job.dataset != SYNTHETIC and _looks_local(job.dataset) and not Path(job.dataset).expanduser().exists():
         raise UsageError(f"--dataset {job.dataset}: no such file or directory")
 
     output_dir = job.output_dir or default_output_dir(arch.name)
@@ -149,12 +149,8 @@ def plan(job: TrainJob) -> dict[str, Any]:
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source and not _looks_like_hub_id(source)
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split(":")[0].split("/")
-    return len(parts) == 2 and not Path(source.split(":")[0]).exists() and not source.startswith((".", "/"))
+    """A path the user means as a local file: explicit (./, /, ~) or deeper than a Hub ``owner/name``."""
+    return source.startswith((".", "/", "~")) or source.split(":")[0].count("/") > 1
 
 
 def load_data(job: TrainJob, parts: dict[str, Any]):

@@ -195,3 +195,32 @@ def test_non_finite_loss_stops_before_the_update_and_names_the_term(tmp_path):
     with pytest.raises(NonFiniteLossError, match="'task_loss'.*step 3"):
         trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _NaNGradient(torch.nn.Module):
+    """A finite loss whose gradient is NaN: clipping would spread it into every weight."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.calls = model, 0
+        self.config = model.config
+
+    def forward(self, **batch):
+        self.calls += 1
+        if self.calls > 2:
+            weight = self.inner.model.embed_positions.weight
+            weight.register_hook(lambda grad: grad * float("nan")) if weight.requires_grad else None
+        return self.inner(**batch)
+
+
+def test_non_finite_gradient_is_refused_before_the_optimizer_step(tmp_path):
+    model = _NaNGradient(tiny_model("dense"))
+    trainer = _trainer(tmp_path, model=model, callbacks=[NonFiniteGuardCallback()], remove_unused_columns=False)
+    with pytest.raises(NonFiniteLossError, match="'gradient'"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Without the guard the same step corrupts every weight, and only the next forward notices.
+    unguarded = _NaNGradient(tiny_model("dense"))
+    with pytest.raises(NonFiniteLossError, match="'task_loss'.*step 3"):
+        _trainer(tmp_path / "u", model=unguarded, remove_unused_columns=False).train()
+    assert not all(torch.isfinite(p).all() for p in unguarded.parameters())
