@@ -63,11 +63,14 @@ def attention_bias(
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits at t predict labels at t + 1; -100 is ignored."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    """Mean next-token cross-entropy: logits at t predict labels at t + 1; -100 is ignored.
+
+    The labels are shifted (and padded with -100) rather than the logits sliced: slicing would copy
+    the whole (B, T, V) logits tensor forward and allocate a full-size gradient for it backward.
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.size(-1)).float(), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
 
 

@@ -47,8 +47,11 @@ class DenseAttention(nn.Module):
         past_key_values: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq_len, width = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+        # Splitting along the last dimension keeps the backward to a single concatenation.
+        query, key, value = (
+            part.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+            for part in self.qkv_proj(hidden_states).split(width, dim=-1)
+        )
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         heads = F.scaled_dot_product_attention(
@@ -200,7 +203,8 @@ class DenseModel(DensePreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         causal = self.config.objective == "causal_lm"
-        use_cache = (use_cache if use_cache is not None else self.config.use_cache) and causal
+        # A cache only serves generation; filling one during training is pure overhead.
+        use_cache = (use_cache if use_cache is not None else self.config.use_cache) and causal and not self.training
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq_len, _ = inputs_embeds.shape
