@@ -289,6 +289,9 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     checkpoint = work  # the folder root is the checkpoint: from_pretrained(DIR) just works
     trainer.save_model(str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
+    # report_to integrations (tensorboard) write under the Trainer's scratch folder: keep their logs.
+    if (work / "trainer" / "runs").is_dir():
+        (work / "trainer" / "runs").rename(work / "tensorboard")
     shutil.rmtree(work / "trainer", ignore_errors=True)
     # The Trainer pickles its arguments next to the weights; a checkpoint holds no pickle files.
     (work / "training_args.bin").unlink(missing_ok=True)

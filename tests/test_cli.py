@@ -54,6 +54,13 @@ def test_train_writes_a_complete_loadable_checkpoint(tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
+def test_tensorboard_logs_are_kept_in_the_run_folder(tmp_path):
+    pytest.importorskip("tensorboard")
+    code, out = _train(tmp_path, "report_to=tensorboard")
+    assert code == 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+
+
 def test_diagnose_reports_the_checkpoint(tmp_path, capsys):
     code, out = _train(tmp_path)
     assert code == 0

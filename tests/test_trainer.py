@@ -224,3 +224,23 @@ def test_non_finite_gradient_is_refused_before_the_optimizer_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match="'task_loss'.*step 3"):
         _trainer(tmp_path / "u", model=unguarded, remove_unused_columns=False).train()
     assert not all(torch.isfinite(p).all() for p in unguarded.parameters())
+
+
+def test_every_term_reaches_report_to_integrations(tmp_path):
+    """Per-term logging goes through the Trainer's own logging, so TensorBoard receives it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    probe = {"input_ids": torch.randint(3, 61, (2, 16))}
+    trainer = _trainer(tmp_path, report_to=["tensorboard"], callbacks=[CollapseMonitorCallback(probe, every_n_steps=4)])
+    trainer.train()
+    event_files = list(tmp_path.rglob("events.out.tfevents*"))
+    assert event_files
+    tags = set()
+    for path in event_files:
+        accumulator = EventAccumulator(str(path.parent))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    for tag in ("train/task_loss", "train/aux/head_similarity", "train/aux_weighted/head_similarity",
+                "train/aux_weight/head_similarity", "train/grad_norm", "train/collapse/layer0.heads.similar_pair_fraction"):
+        assert tag in tags, f"{tag} missing from TensorBoard; have {sorted(tags)[:12]}"
