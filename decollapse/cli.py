@@ -81,10 +81,6 @@ def _cmd_train(args) -> int:
         max_steps=args.max_steps,
     )
     try:
-        from .runner import plan
-
-        output_dir = plan(job)["output_dir"]
-        job.output_dir = output_dir
         summary = run(job)
     except UsageError as err:
         return _fail(str(err))

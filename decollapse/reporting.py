@@ -57,10 +57,7 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
         ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("loss terms")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _heatmap(name: str, matrix, path: Path) -> Path:
@@ -69,10 +66,7 @@ def _heatmap(name: str, matrix, path: Path) -> Path:
     image = ax.imshow(data, vmin=-1, vmax=1, cmap="RdBu_r")
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _histogram(name: str, values, path: Path) -> Path:
@@ -82,9 +76,13 @@ def _histogram(name: str, values, path: Path) -> Path:
     ax.set_xlabel("unit (sorted by share)")
     ax.set_ylabel("share")
     ax.set_title(name, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plt.close(fig)  # figures are not garbage-collected while pyplot tracks them
     return path
 
 

@@ -83,7 +83,6 @@ class TrainRecipe:
 class TrainJob:
     arch: str
     dataset: str = SYNTHETIC
-    dataset_config: str | None = None
     output_dir: Path | None = None
     overwrite: bool = False
     settings: dict[str, str] = field(default_factory=dict)
@@ -162,7 +161,7 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
     try:
         corpus = load_text_corpus(
             source,
-            hub_config=hub_config or job.dataset_config,
+            hub_config=hub_config or None,
             block_size=parts["recipe"].block_size,
             seed=parts["recipe"].seed,
         )
@@ -201,6 +200,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     parts = plan(job)
     recipe: TrainRecipe = parts["recipe"]
     output_dir: Path = parts["output_dir"]
+    job.output_dir = output_dir  # the caller reports where the run went, also on failure
     set_seed(recipe.seed)
     dataset, tokenizer, corpus_summary = load_data(job, parts)
     seq_len = len(dataset["train"][0]["input_ids"])

@@ -130,15 +130,21 @@ class DensePreTrainedModel(DecollapsePreTrainedModel):
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        # Hooks read what the diagnostics need, so forward() carries no diagnostics-only options.
         neuron_acts: dict[int, torch.Tensor] = {}
-        hooks = [
-            layer.mlp.down_proj.register_forward_hook(
-                lambda mod, args, out, i=i: neuron_acts.__setitem__(i, args[0].detach())
+        head_outputs: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i, layer in enumerate(base.layers):
+            hooks.append(
+                layer.mlp.down_proj.register_forward_hook(
+                    lambda mod, args, out, i=i: neuron_acts.__setitem__(i, args[0].detach())
+                )
             )
-            for i, layer in enumerate(base.layers)
-        ]
+            hooks.append(
+                layer.attn.register_forward_hook(lambda mod, args, out, i=i: head_outputs.__setitem__(i, out[1]))
+            )
         try:
-            out = base(input_ids=input_ids, attention_mask=mask, output_head_outputs=True)
+            out = base(input_ids=input_ids, attention_mask=mask)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -147,8 +153,8 @@ class DensePreTrainedModel(DecollapsePreTrainedModel):
         report = CollapseReport()
         labels = batch.get("domain")
         label_valid = valid & (labels >= 0) if labels is not None else valid
-        for i, (layer, heads) in enumerate(zip(base.layers, out.head_outputs)):
-            contrib = layer.attn.head_contributions(heads)[valid]  # (N, nh, C)
+        for i, layer in enumerate(base.layers):
+            contrib = layer.attn.head_contributions(head_outputs[i])[valid]  # (N, nh, C)
             head_vectors = contrib.permute(1, 0, 2).reshape(contrib.size(1), -1)  # (nh, N * C)
             report.update(unit_report(vectors=head_vectors), prefix=f"layer{i}.heads.")
             acts = neuron_acts[i][label_valid]  # (N, I)
@@ -197,7 +203,6 @@ class DenseModel(DensePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        output_head_outputs: bool = False,
         return_dict: bool | None = None,
     ) -> DecollapseModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -222,15 +227,12 @@ class DenseModel(DensePreTrainedModel):
 
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
         all_hidden = [] if output_hidden_states else None
-        head_outputs = []
         aux_terms = []
         want_head_sim = self.config.head_diversity_weight > 0
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states, heads = layer(hidden_states, attn_mask, is_causal, past_key_values)
-            if output_head_outputs:
-                head_outputs.append(heads)
             if want_head_sim:
                 contrib = layer.attn.head_contributions(heads)  # (B, T, nh, C)
                 if attention_mask is not None:
@@ -241,15 +243,12 @@ class DenseModel(DensePreTrainedModel):
             all_hidden.append(hidden_states)
 
         aux_losses = {"head_similarity": torch.stack(aux_terms).mean()} if aux_terms else {}
-        output = DecollapseModelOutput(
+        return DecollapseModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             aux_losses=aux_losses,
         )
-        # Per-head outputs are only for diagnostics; they are not part of the HF output schema.
-        output.head_outputs = tuple(head_outputs) if output_head_outputs else None
-        return output
 
 
 class DenseForCausalLM(DensePreTrainedModel, GenerationMixin):

@@ -18,7 +18,6 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     MaskedLMOutput,
-    SequenceClassifierOutput,
 )
 
 
@@ -35,12 +34,6 @@ class DecollapseCausalLMOutput(CausalLMOutputWithPast):
 
 @dataclass
 class DecollapseMaskedLMOutput(MaskedLMOutput):
-    task_loss: torch.Tensor | None = None
-    aux_losses: dict[str, torch.Tensor] | None = None
-
-
-@dataclass
-class DecollapseSequenceClassifierOutput(SequenceClassifierOutput):
     task_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
 
