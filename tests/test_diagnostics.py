@@ -400,3 +400,20 @@ def test_unit_report_degenerate_inputs_have_no_nan():
         D.unit_report(labels=torch.tensor([0, 1]))
     with pytest.raises(ValueError):
         D.unit_report(counts=torch.tensor([1, 2]), num_units=3)
+
+
+def test_jensen_shannon_divergence_is_symmetric_bounded_and_finite():
+    from decollapse.modeling.diagnostics import jensen_shannon_divergence
+
+    p = torch.tensor([3.0, 1.0, 0.0, 0.0])
+    q = torch.tensor([0.0, 0.0, 5.0, 5.0])
+    assert jensen_shannon_divergence(p, p * 7) == 0.0
+    assert abs(jensen_shannon_divergence(p, q) - math.log(2)) < 1e-12, "disjoint supports give log 2"
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert jensen_shannon_divergence(p, r) == jensen_shannon_divergence(r, p)
+    # Against the definition computed by hand.
+    a, b = p / p.sum(), r / r.sum()
+    m = (a + b) / 2
+    kl = lambda x: sum(float(xi * math.log(xi / mi)) for xi, mi in zip(x, m) if xi > 0)  # noqa: E731
+    assert abs(jensen_shannon_divergence(p, r) - (kl(a) + kl(b)) / 2) < 1e-12
+    assert jensen_shannon_divergence(torch.zeros(4), p) == 0.0

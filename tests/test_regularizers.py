@@ -422,3 +422,20 @@ def test_signs_of_generic_losses_prefer_spread_over_collapse():
     for fn in (R.mean_squared_off_diagonal_cosine, R.uniformity_log, R.uniformity_gaussian, R.nearest_neighbour_spread):
         assert fn(spread).item() < fn(collapsed).item(), fn.__name__
     assert pdist(spread.numpy()).min() > 1.0  # sanity of the fixture
+
+
+def test_support_shortfall_counts_the_bases_a_row_uses():
+    from decollapse.modeling.regularizers import support_shortfall
+
+    rows = torch.zeros(3, 8)
+    rows[0, :2] = 1.0  # two equal entries: PR = 2, one short of 3
+    rows[1, :4] = -0.5  # four equal entries: PR = 4, no shortfall; sign and scale do not matter
+    rows[2] = 0.0  # a zero row counts as PR = 0: short by 3, and finite
+    torch.testing.assert_close(support_shortfall(rows, 3.0), torch.tensor((1.0 + 0.0 + 3.0) / 3))
+    torch.testing.assert_close(support_shortfall(rows[:2] * 100.0, 3.0), support_shortfall(rows[:2], 3.0))
+    gaussian = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    pr_mean = float((gaussian.pow(2).sum(-1).pow(2) / gaussian.pow(4).sum(-1)).mean())
+    assert abs(pr_mean - 16 / 3) < 0.6, "a Gaussian row uses about M/3 bases"
+    x = rows.clone().requires_grad_(True)
+    support_shortfall(x, 3.0).backward()
+    assert torch.isfinite(x.grad).all()

@@ -48,6 +48,7 @@ __all__ = [
     "count_homonyms",
     "homonym_separation",
     "coactivation_strong_pairs",
+    "jensen_shannon_divergence",
     "CollapseReport",
     "unit_report",
 ]
@@ -546,6 +547,33 @@ def homonym_separation(hidden: torch.Tensor, surface_ids: torch.Tensor, sense_id
     if not per_surface:
         return 0.0
     return sum(per_surface) / len(per_surface)
+
+
+@torch.no_grad()
+def jensen_shannon_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen–Shannon divergence between two usage distributions (natural log).
+
+    ``JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)``, ``m = ½ (p + q)``, after normalising ``p`` and ``q``
+    (counts or shares) to sum 1. Symmetric, finite when a unit is unused in one of the two (where
+    ``KL`` is infinite), 0 for identical distributions and at most ``log 2``. An all-zero input
+    returns 0.0. Negative entries raise ``ValueError``.
+
+    Reference: spec dawn §5 ("layer differences", which reports KL of layer usage vectors).
+    """
+    a = _non_negative_cpu_vector(p, "p")
+    b = _non_negative_cpu_vector(q, "q")
+    if a.numel() != b.numel():
+        raise ValueError(f"p and q have different lengths: {a.numel()} and {b.numel()}")
+    if float(a.sum()) <= 0 or float(b.sum()) <= 0:
+        return 0.0
+    a, b = a / a.sum(), b / b.sum()
+    m = 0.5 * (a + b)
+
+    def kl(x: torch.Tensor) -> float:
+        keep = x > 0
+        return float((x[keep] * (x[keep] / m[keep]).log()).sum())
+
+    return max(0.0, 0.5 * kl(a) + 0.5 * kl(b))
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ __all__ = [
     "welch_floor",
     "orthogonality",
     "soft_orthogonality",
+    "support_shortfall",
     "load_balancing_loss",
     "router_z_loss",
     "routing_entropy",
@@ -213,6 +214,37 @@ def soft_orthogonality(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     off = _off_diagonal_mask(n, s.device)
     hinge = torch.relu(s.abs() - threshold).pow(2) * off
     return (hinge.sum(dim=(-1, -2)) / (n * (n - 1))).mean()
+
+
+def support_shortfall(x: torch.Tensor, minimum: float) -> torch.Tensor:
+    """How far rows fall short of spreading over at least ``minimum`` coordinates (differentiable).
+
+    ``L = mean_i relu(minimum − PR_i)``, ``PR_i = (Σ_m x_im²)² / Σ_m x_im⁴``.
+
+    ``PR_i`` (the participation ratio of row ``i``) is a smooth count of the coordinates the row
+    uses: ``q`` equal non-zero entries give exactly ``q``, one dominant entry gives about 1. It is
+    scale-free, so unlike a hard count ``#{m : |x_im| > τ}`` it neither has a zero gradient nor
+    depends on the rows' norm (a QR-initialised N × M matrix has entries near ``1/sqrt(N)``, below
+    any fixed τ such as the original's 0.1 for large N). A Gaussian row has ``PR ≈ M/3``. The floor
+    is 0, reached when every row has ``PR_i ≥ minimum``. A zero row counts as ``PR = 0``. An exactly
+    one-hot row is a stationary point (the gradient on its zero entries vanishes, as for any function
+    of the squared entries); a row with one dominant entry is pushed to spread.
+
+    Args:
+        x: ``[..., n, m]``; rows are units (e.g. neurons), columns what they spread over (bases).
+        minimum: the target count, ``1 ≤ minimum ≤ m``.
+
+    Reference: spec dawn §3 (L_sparse, "≥ 3 bases per neuron", whose step-function count has zero
+    gradient); participation ratio as in Gao & Ganguli, "On simplicity and complexity in the brave
+    new world of large-scale neuroscience", 2015.
+    """
+    xf = _as_float(x)
+    sq = xf * xf
+    second = sq.sum(dim=-1)
+    fourth = (sq * sq).sum(dim=-1)
+    # A zero row has 0/0; the clamp makes it 0 with a finite gradient.
+    pr = second.pow(2) / fourth.clamp_min(_NORM_EPS**2)
+    return torch.relu(minimum - pr).mean()
 
 
 # --------------------------------------------------------------------------------------------
