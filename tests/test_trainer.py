@@ -172,6 +172,13 @@ def test_stall_alarm_aux_falling_while_task_flat():
         learning.on_log(None, state, TrainerControl(), logs={"task_loss": 2.0 - 0.1 * i, "aux/router": 1.0 - 0.1 * i})
     assert learning.alarms == []
 
+    # A term that halves but weighs under 1% of the task loss is not what the optimizer is busy with.
+    negligible = CollapseMonitorCallback({}, stall_window=6)
+    for i in range(6):
+        logs = {"task_loss": 5.0, "aux/balance": 0.1 - 0.015 * i, "aux_weighted/balance": 0.01 - 0.0015 * i}
+        negligible.on_log(None, state, TrainerControl(), logs=logs)
+    assert negligible.alarms == []
+
 
 class _NaNAfter(torch.nn.Module):
     """Wraps a model and makes its task loss NaN from the given call on."""

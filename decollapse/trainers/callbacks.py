@@ -33,7 +33,10 @@ class CollapseMonitorCallback(TrainerCallback):
     - ``stall``: the failure seed 004 documents — auxiliary losses falling while the task loss stays
       flat. Over the last ``stall_window`` training logs, the summed unweighted auxiliary terms fell
       by more than ``stall_aux_drop`` (relative) while the task loss fell by less than
-      ``stall_task_tolerance`` (relative), comparing the first and second half of the window.
+      ``stall_task_tolerance`` (relative), comparing the first and second half of the window. Terms
+      whose weighted sum (``aux_weighted/*``, else the unweighted terms) is below
+      ``stall_min_aux_share`` of the task loss are too small to be what the optimizer spends itself
+      on, and do not raise it (a floor-subtracted term falling from 0.01 to 0.005 is not a stall).
 
     A criterion set to ``None`` is off. Alarms are kept in ``self.alarms``. The default rank floor
     (0.05 of the possible rank) is low on purpose: MLP activation patterns of an untrained control
@@ -50,6 +53,7 @@ class CollapseMonitorCallback(TrainerCallback):
         stall_window: int | None = 10,
         stall_aux_drop: float = 0.2,
         stall_task_tolerance: float = 0.01,
+        stall_min_aux_share: float = 0.01,
         stop_on_alarm: bool = False,
     ):
         if every_n_steps <= 0:
@@ -64,11 +68,12 @@ class CollapseMonitorCallback(TrainerCallback):
         self.stall_window = stall_window
         self.stall_aux_drop = stall_aux_drop
         self.stall_task_tolerance = stall_task_tolerance
+        self.stall_min_aux_share = stall_min_aux_share
         self.stop_on_alarm = stop_on_alarm
         self.alarms: list[CollapseAlarm] = []
         self.history: list[tuple[int, dict[str, float]]] = []
         self._pending: dict[str, float] = {}
-        self._loss_log: list[tuple[float, float]] = []  # (task loss, summed aux terms)
+        self._loss_log: list[tuple[float, float, float]] = []  # (task loss, summed aux, summed weighted aux)
         self._stall_raised = False
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -91,7 +96,8 @@ class CollapseMonitorCallback(TrainerCallback):
         if not logs or "task_loss" not in logs:
             return control
         aux = sum(v for k, v in logs.items() if k.startswith("aux/"))
-        self._loss_log.append((logs["task_loss"], aux))
+        weighted = [v for k, v in logs.items() if k.startswith("aux_weighted/")]
+        self._loss_log.append((logs["task_loss"], aux, sum(weighted) if weighted else aux))
         alarm = self.check_stall(state.global_step)
         if alarm is not None:
             self._raise(alarm, control)
@@ -129,11 +135,12 @@ class CollapseMonitorCallback(TrainerCallback):
             return None
         window = self._loss_log[-self.stall_window :]
         half = len(window) // 2
-        task_a = sum(t for t, _ in window[:half]) / half
-        task_b = sum(t for t, _ in window[half:]) / (len(window) - half)
-        aux_a = sum(a for _, a in window[:half]) / half
-        aux_b = sum(a for _, a in window[half:]) / (len(window) - half)
-        if aux_a <= 0:
+        task_a = sum(t for t, _, _ in window[:half]) / half
+        task_b = sum(t for t, _, _ in window[half:]) / (len(window) - half)
+        aux_a = sum(a for _, a, _ in window[:half]) / half
+        aux_b = sum(a for _, a, _ in window[half:]) / (len(window) - half)
+        weighted_a = sum(w for _, _, w in window[:half]) / half
+        if aux_a <= 0 or abs(weighted_a) < self.stall_min_aux_share * abs(task_a):
             return None
         aux_drop = (aux_a - aux_b) / abs(aux_a)
         task_drop = (task_a - task_b) / max(abs(task_a), 1e-12)
