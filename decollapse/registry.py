@@ -51,6 +51,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in [
         Architecture("dense", "DenseConfig", {"AutoModel": "DenseModel", "AutoModelForCausalLM": "DenseForCausalLM", "AutoModelForMaskedLM": "DenseForMaskedLM"}, "plain pre-LN transformer: the control arm"),  # noqa: E501
+        Architecture("dawn", "DawnConfig", {"AutoModel": "DawnModel", "AutoModelForCausalLM": "DawnForCausalLM", "AutoModelForMaskedLM": "DawnForMaskedLM"}, "neurons as basis-FFN combinations picked per token by a neuron router (DAWN v5.0)"),  # noqa: E501
     ]
 }
 

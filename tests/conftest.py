@@ -18,7 +18,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Tiny settings per architecture for contract tests; an architecture added later adds its line here
 # only if the generic defaults below do not fit it.
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "max_position_embeddings": 32, "vocab_size": 61}
-TINY_OVERRIDES: dict[str, dict] = {"dense": {"num_attention_heads": 4}}
+TINY_OVERRIDES: dict[str, dict] = {
+    "dense": {"num_attention_heads": 4},
+    "dawn": {"num_neurons": 32, "neuron_top_k": 4, "num_basis": 8, "basis_rank": 4, "modulation_rank": 8},
+}
 
 
 def tiny_config(arch_name: str, **overrides):
