@@ -44,6 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="override model, training (train.*) or corpus (corpus.*) knobs",
     )
 
+    ablate = sub.add_parser("ablate", help="a grid of train runs (full factorial) and one comparison table")
+    ablate.add_argument("arch", help="architecture name (`decollapse list`)")
+    ablate.add_argument(
+        "--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2", required=True,
+        help="knobs to vary; every combination is trained",
+    )
+    ablate.add_argument("--dataset", default="synthetic", help="as for train")
+    ablate.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default 5000)")
+    ablate.add_argument("--output-dir", type=Path, default=None, help="default: runs/<arch>-ablation-<timestamp>")
+    ablate.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    ablate.add_argument(
+        "--set", dest="settings", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="knobs shared by every run",
+    )
+
     diagnose = sub.add_parser("diagnose", help="collapse report of a checkpoint folder")
     diagnose.add_argument("checkpoint", type=Path)
     diagnose.add_argument("--plots-dir", type=Path, default=None, help="default: CHECKPOINT/plots")
@@ -56,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _cmd_train, "diagnose": _cmd_diagnose, "list": _cmd_list}
+    handlers = {"train": _cmd_train, "ablate": _cmd_ablate, "diagnose": _cmd_diagnose, "list": _cmd_list}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -100,6 +115,41 @@ def _cmd_train(args) -> int:
         print(line)
     for alarm in summary["alarms"]:
         print(f"collapse alarm at step {alarm['step']}: {alarm['message']}")
+    return 0
+
+
+def _cmd_ablate(args) -> int:
+    import time
+
+    from .ablation import AblationJob, parse_grid, run_ablation, to_markdown
+    from .runner import UsageError
+    from .settings import SettingError, parse_assignments
+    from .trainers import NonFiniteLossError
+
+    try:
+        settings = parse_assignments(args.settings)
+        grid = parse_grid(args.grid)
+    except (SettingError, UsageError) as err:
+        return _fail(str(err))
+    output_dir = args.output_dir or Path("runs") / f"{args.arch}-ablation-{time.strftime('%Y%m%d-%H%M%S')}"
+    job = AblationJob(
+        arch=args.arch, grid=grid, output_dir=output_dir, settings=settings, max_steps=args.max_steps,
+        dataset=args.dataset, overwrite=args.overwrite,
+    )
+
+    def progress(row, done, total):
+        ppl = row["metrics"]["validation_perplexity"]
+        shown = f"{ppl:.3f}" if ppl is not None else "n/a"
+        print(f"[{done}/{total}] {row['run']}: validation perplexity {shown}", flush=True)
+
+    try:
+        run_ablation(job, on_run_done=progress)
+    except UsageError as err:
+        return _fail(str(err))
+    except NonFiniteLossError as err:
+        return _fail(f"{err}; the ablation stopped and wrote nothing")
+    print(f"wrote {output_dir}")
+    print(to_markdown(json.loads((output_dir / "ablation.json").read_text())))
     return 0
 
 

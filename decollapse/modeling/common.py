@@ -83,6 +83,9 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     """
 
     base_model_prefix = "model"
+    # The few collapse numbers a comparison table shows: label -> (metric-name pattern, reduction
+    # over the matching metrics: "min", "max" or "mean"). Read by `decollapse ablate`.
+    collapse_headline: dict[str, tuple[str, str]] = {}
     supports_gradient_checkpointing = False
     _supports_sdpa = True
 

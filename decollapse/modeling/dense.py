@@ -108,6 +108,11 @@ class DensePreTrainedModel(DecollapsePreTrainedModel):
     config_class = DenseConfig
     config: DenseConfig
     _no_split_modules = ["DenseBlock"]
+    collapse_headline = {
+        "head mean |cos| (max layer)": ("layer*.heads.mean_abs_cosine", "max"),
+        "dead MLP neurons (max layer)": ("layer*.neurons.dead_share", "max"),
+        "hidden erank": ("hidden.effective_rank_entropy", "mean"),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -1,0 +1,172 @@
+"""``decollapse ablate``: one command, a grid of ``decollapse train`` runs, one table.
+
+Every combination of the ``--grid`` values (a full factorial) is planned and validated before the
+first run starts; each run is an ordinary ``decollapse train`` run (same recipe, same held-out
+evaluation, same collapse report). The table reports, per run, held-out perplexity and the
+architecture's headline collapse metrics (``collapse_headline`` on its model class), each reduced
+over layers as the headline states. Everything is written to a temporary sibling folder and renamed
+into place only when every run has finished.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .runner import TrainJob, UsageError, plan, run, _publish
+
+REDUCTIONS = {"min": min, "max": max, "mean": lambda values: sum(values) / len(values)}
+
+
+@dataclass
+class AblationJob:
+    arch: str
+    grid: dict[str, list[str]]
+    output_dir: Path
+    settings: dict[str, str] = field(default_factory=dict)
+    max_steps: int | None = None
+    dataset: str = "synthetic"
+    overwrite: bool = False
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not choices:
+            raise UsageError(f"--grid {item!r}: expected key=value1,value2,...")
+        if key.strip() in grid:
+            raise UsageError(f"--grid {key.strip()}: given twice")
+        grid[key.strip()] = choices
+    if not grid:
+        raise UsageError("--grid: name at least one key=value1,value2,...")
+    return grid
+
+
+def combinations(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_name(combo: dict[str, str]) -> str:
+    return "__".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items()).replace("/", "_")
+
+
+def headline(metrics: dict[str, float], spec: dict[str, tuple[str, str]]) -> dict[str, float | None]:
+    """``{label: reduction over the metrics matching the pattern}`` (None when nothing matches)."""
+    out: dict[str, float | None] = {}
+    for label, (pattern, reduction) in spec.items():
+        values = [v for k, v in metrics.items() if fnmatch.fnmatchcase(k, pattern)]
+        out[label] = REDUCTIONS[reduction](values) if values else None
+    return out
+
+
+def plan_ablation(job: AblationJob) -> list[tuple[dict[str, str], TrainJob]]:
+    """Validates every run of the grid (and the output folder) before any work starts."""
+    if job.output_dir.exists():
+        if not job.output_dir.is_dir():
+            raise UsageError(f"--output-dir {job.output_dir}: exists and is not a directory")
+        if any(job.output_dir.iterdir()) and not job.overwrite:
+            raise UsageError(f"--output-dir {job.output_dir}: not empty; pass --overwrite to replace it")
+    overlap = sorted(set(job.grid) & set(job.settings))
+    if overlap:
+        raise UsageError(f"{', '.join(overlap)}: given both in --grid and --set")
+    runs = []
+    for combo in combinations(job.grid):
+        train_job = TrainJob(
+            arch=job.arch,
+            dataset=job.dataset,
+            output_dir=job.output_dir / "runs" / run_name(combo),
+            overwrite=True,
+            settings={**job.settings, **combo},
+            max_steps=job.max_steps,
+        )
+        plan(train_job)
+        runs.append((combo, train_job))
+    return runs
+
+
+def run_ablation(job: AblationJob, on_run_done=None) -> list[dict[str, Any]]:
+    runs = plan_ablation(job)
+    parts = plan(runs[0][1])
+    spec = getattr(parts["arch"].model_for_objective(parts["objective"]), "collapse_headline", {})
+    output_dir = job.output_dir
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    rows = []
+    try:
+        for combo, train_job in runs:
+            train_job.output_dir = work / "runs" / run_name(combo)
+            summary = run(train_job)
+            diagnostics = json.loads((train_job.output_dir / "diagnostics.json").read_text())["metrics"]
+            row = {
+                "settings": combo,
+                "run": f"runs/{run_name(combo)}",
+                "metrics": {k: summary["metrics"].get(k) for k in ("validation_perplexity", "validation_perplexity_ratio")},
+                "headline": headline(diagnostics, spec),
+                "train_seconds": summary["train_seconds"],
+            }
+            rows.append(row)
+            if on_run_done is not None:
+                on_run_done(row, len(rows), len(runs))
+        payload = {
+            "architecture": job.arch,
+            "grid": job.grid,
+            "settings": job.settings,
+            "max_steps": parts["recipe"].max_steps,
+            "headline": {label: list(rule) for label, rule in spec.items()},
+            "command": rerun_command(job),
+            "rows": rows,
+        }
+        (work / "ablation.json").write_text(json.dumps(payload, indent=2))
+        (work / "ablation.md").write_text(to_markdown(payload) + "\n")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _publish(work, output_dir)
+    return rows
+
+
+def rerun_command(job: AblationJob) -> str:
+    parts = ["decollapse ablate", job.arch]
+    if job.dataset != "synthetic":
+        parts += ["--dataset", job.dataset]
+    if job.max_steps is not None:
+        parts += ["--max-steps", str(job.max_steps)]
+    parts += ["--grid"] + [f"{k}={','.join(v)}" for k, v in job.grid.items()]
+    if job.settings:
+        parts += ["--set"] + [f"{k}={v}" for k, v in job.settings.items()]
+    return " ".join(parts)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(payload: dict[str, Any]) -> str:
+    keys = list(payload["grid"])
+    labels = list(payload["headline"])
+    lines = [
+        f"Ablation of `{payload['architecture']}`, {payload['max_steps']} steps per run: `{payload['command']}`",
+        "",
+        "| " + " | ".join(keys + ["val ppl", "ratio to optimum"] + labels) + " |",
+        "|" + "---|" * (len(keys) + 2 + len(labels)),
+    ]
+    for row in payload["rows"]:
+        cells = [row["settings"][k] for k in keys]
+        cells += [_cell(row["metrics"]["validation_perplexity"]), _cell(row["metrics"]["validation_perplexity_ratio"])]
+        cells += [_cell(row["headline"][label]) for label in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    rules = [f"{label}: {rule[1]} of `{rule[0]}`" for label, rule in payload["headline"].items()]
+    if rules:
+        lines += ["", "Headline metrics (final collapse report on the validation probe batch): " + "; ".join(rules) + "."]
+    return "\n".join(lines)
