@@ -1,20 +1,31 @@
-"""Training throughput of a decollapse architecture against its `transformers` reference, side by side.
+"""Training throughput of a decollapse architecture against dense and the `transformers` reference, side by side.
 
     python benchmarks/throughput.py dense                      # default CPU recipe shape
     python benchmarks/throughput.py dense --preset medium      # a bigger shape
     python benchmarks/throughput.py dense --objective masked_lm --json /tmp/dense_mlm.json
+    python benchmarks/throughput.py dawn                       # dawn vs dense and GPT-2 of matched size
 
 What it measures (``benchmarks/README.md`` has the long form):
 
-- **tokens/s** over full training steps (forward + backward + AdamW step + zero_grad) of the
-  decollapse model and of the reference of identical width, depth, heads, MLP width, vocabulary and
-  sequence length (``GPT2LMHeadModel`` for causal_lm, ``BertForMaskedLM`` for masked_lm), both in
-  train mode with dropout 0, SDPA attention and the same optimizer. The two models are timed in
-  **interleaved rounds in one process** (A B, B A, A B, ... so that drift and background noise hit both
-  equally and neither always runs first); each round is a few untimed warm-up steps then ``--steps``
-  timed steps. Reported: the median and min-max of per-round tokens/s, and the decollapse/reference
-  ratio as the median and min-max of the per-round ratios (round r of A against round r of B).
-- **peak memory** of one training step per model, isolated from the other model living in the same
+- **tokens/s** over full training steps (forward + backward + AdamW step + zero_grad), all models in
+  train mode with dropout 0, SDPA attention and the same optimizer.
+  - For ``dense``: two models, decollapse dense and the reference of identical width, depth, heads,
+    MLP width, vocabulary and sequence length (``GPT2LMHeadModel`` for causal_lm,
+    ``BertForMaskedLM`` for masked_lm). Target: dense/reference >= 0.95x.
+  - For any other architecture: three models, the architecture itself, ``decollapse dense`` and the
+    reference, the last two at the architecture's width, depth, heads, vocabulary and sequence length
+    with the MLP width (``intermediate_size``) that brings dense's total parameter count closest to
+    the architecture's (dense's count is affine in it: counted at two widths, solved, rounded). So the
+    reference is "GPT-2 (or BERT) of matched size". Target: architecture/dense-matched >= 0.70x.
+  ``--set`` overrides apply to the architecture under test only; dense and the reference copy the
+  shape read back from its built config (so ``--set hidden_size=...`` moves all of them).
+  The models are timed in **interleaved rounds in one process**, the order rotated each round
+  (A B, B A, ... for two; A B C, B C A, C A B, ... for three) so that drift and background noise hit
+  all equally and none always runs first; each round is a few untimed warm-up steps then ``--steps``
+  timed steps. Reported: the median and min-max of per-round tokens/s, and each ratio (decollapse/
+  reference; for non-dense architectures also decollapse/dense-matched) as the median and min-max of
+  the per-round ratios (round r of one model against round r of the other).
+- **peak memory** of one training step per model, isolated from the other models living in the same
   process: bytes of the model's parameters and optimizer state, plus the high-water mark of what the
   step allocates on top (activations, gradients, temporaries). On CUDA the high-water mark comes from
   ``torch.cuda.max_memory_allocated``; on CPU from replaying the allocator events that
@@ -24,11 +35,13 @@ What it measures (``benchmarks/README.md`` has the long form):
 - **MFU**: model FLOPs per token by nanoGPT's ``estimate_mfu`` convention, 6 * N + 12 * L * d * T with
   N the non-embedding parameters plus the output projection counted once (6 * d * V, embeddings
   are tied), against the machine's float32 matmul peak measured in the same process with the same
-  thread count. The count is the same formula for both models; where a model skips work the formula
-  counts (decollapse's masked-LM head projects only the labelled 15% of positions), its MFU reads
-  high.
+  thread count. The count is the same formula for every model; where a model skips work the formula
+  counts (decollapse's masked-LM head projects only the labelled 15% of positions; a routed
+  architecture does not use every parameter once per token), its MFU reads high, and where it does
+  work the formula does not count, its MFU reads low. For a non-dense architecture read it as a
+  parameter-count proxy, not its FLOPs.
 
-It is a measurement, not a test: it exits 0 whatever the ratio is.
+It is a measurement, not a test: it exits 0 whatever the ratios are.
 """
 
 from __future__ import annotations
@@ -78,11 +91,12 @@ MASK_RATE = 0.15  # share of positions that carry a masked-LM label (BERT's rate
 IGNORE_INDEX = -100
 BATCH_POOL = 4  # distinct random batches cycled through (same sequence for both models)
 DENSE_TARGET = 0.95  # dense must train at >= 95% of GPT-2's speed
+ARCH_TARGET = 0.70  # any other architecture: >= 70% of the speed of dense of matched parameter count
 MIB = 2**20
 
 
 # --------------------------------------------------------------------------------------------------
-# Building the two models
+# Building the models
 # --------------------------------------------------------------------------------------------------
 
 
@@ -189,8 +203,9 @@ def build_decollapse(arch_name: str, objective: str, shape: dict[str, int], over
 
 
 def reference_shape(model: torch.nn.Module, shape: dict[str, int]) -> dict[str, int]:
-    """The shape the reference must copy, read back from the built decollapse config (``--set`` may
-    have changed it)."""
+    """The shape the reference (and dense-matched) must copy, read back from the built decollapse
+    config (``--set`` may have changed it). For a non-dense architecture ``main`` then replaces
+    ``intermediate_size`` with the matched width."""
     config = model.config
     hidden = config.hidden_size
     return {
@@ -201,6 +216,20 @@ def reference_shape(model: torch.nn.Module, shape: dict[str, int]) -> dict[str, 
         "vocab": config.vocab_size,
         "seq_len": shape["seq_len"],
     }
+
+
+def matched_intermediate_size(objective: str, ref: dict[str, int], target_params: int) -> int:
+    """The ``intermediate_size`` at which ``dense`` of shape ``ref`` has the total parameter count
+    closest to ``target_params``.
+
+    Dense's count is affine in the MLP width (per layer ``d * F + F`` up and ``F * d`` down, the rest
+    does not depend on F), so it is counted at F = 1 and F = 2, solved for ``target_params`` and
+    rounded to the nearest integer (at least 1). The caller builds dense at that width and reports its
+    actual count.
+    """
+    counts = [count_params(build_decollapse("dense", objective, ref, {"intermediate_size": f}))[0] for f in (1, 2)]
+    per_unit = counts[1] - counts[0]
+    return max(1, round(1 + (target_params - counts[0]) / per_unit))
 
 
 def build_reference(objective: str, ref: dict[str, int], activation: str | None) -> torch.nn.Module:
@@ -309,6 +338,21 @@ class Trainee:
         for state in self.optimizer.state.values():
             total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
         return total
+
+
+def ratio_summary(numerator: Trainee, denominator: Trainee, target: float | None) -> dict[str, typing.Any]:
+    """Per-round tokens/s ratios (round r against round r): median, min-max, middle half."""
+    ratios = [a / b for a, b in zip(numerator.round_tokens_per_s, denominator.round_tokens_per_s)]
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "p25": quartiles[0],
+        "p75": quartiles[2],
+        "per_round": ratios,
+        "target": target,
+    }
 
 
 def synchronize(device: torch.device) -> None:
@@ -439,10 +483,27 @@ def fmt_si(value: float, unit: str) -> str:
     return f"{value:.0f} {unit}"
 
 
+def ratio_line(name: str, ratio: dict[str, typing.Any], target: str | None) -> str:
+    line = (
+        f"ratio {name}: {ratio['median']:.3f}x [{ratio['min']:.3f}-{ratio['max']:.3f}] "
+        f"(median [min-max] of {len(ratio['per_round'])} per-round ratios; "
+        f"middle half {ratio['p25']:.3f}-{ratio['p75']:.3f})"
+    )
+    if target is not None:
+        line += f"   target: >= {target}"
+    return line
+
+
 def render(result: dict[str, typing.Any]) -> str:
     m, s, t = result["machine"], result["shape"], result["timing"]
+    matched = result.get("matched")
+    if matched is None:
+        title = f"vs transformers {result['reference']}"
+    else:
+        title = f"vs decollapse dense and transformers {result['reference']} of matched parameter count"
+    order = "A B, B A, ..." if matched is None else "A B C, B C A, C A B, ..."
     lines = [
-        f"decollapse throughput: {result['arch']} ({result['objective']}) vs transformers {result['reference']}",
+        f"decollapse throughput: {result['arch']} ({result['objective']}) {title}",
         f"date {result['date']} | {m['cpu']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}"
         + (f" | GPU {m['gpu']}" if "gpu" in m else "")
         + f" | device {m['device']} | torch {m['torch']}, transformers {m['transformers']}",
@@ -451,7 +512,22 @@ def render(result: dict[str, typing.Any]) -> str:
         f"batch={s['batch_size']} ({s['batch_size'] * s['seq_len']} tokens/step)"
         + (f" | --set {result['overrides']}" if result["overrides"] else "")
         + (f" | reference activation {result['reference_activation']}" if result["reference_activation"] else ""),
-        f"timing: {t['rounds']} interleaved rounds (A B, B A, ...) x {t['steps']} steps after {t['warmup']} "
+    ]
+    if matched is not None:
+        arch, arch_mlp = result["arch"], matched["arch_intermediate_size"]
+        lines.append(
+            f"matched size: dense and {result['reference']} at mlp={matched['intermediate_size']}"
+            + (f" ({arch}'s own mlp={arch_mlp})" if arch_mlp is not None else "")
+            + f", the width at which dense's total parameter count comes closest to {arch}'s; "
+            f"--set applies to {arch} only"
+        )
+        lines.append(
+            f"  total params: {arch} {matched['arch_params']:,} | dense {matched['dense_params']:,} "
+            f"({100 * (matched['dense_params'] / matched['arch_params'] - 1):+.3f}%) | "
+            f"{result['reference']} {matched['reference_params']:,}"
+        )
+    lines += [
+        f"timing: {t['rounds']} interleaved rounds ({order}) x {t['steps']} steps after {t['warmup']} "
         f"warm-up steps; AdamW lr={t['lr']} wd={t['weight_decay']}; fwd+bwd+step+zero_grad",
         f"matmul peak: {fmt_si(result['matmul_peak_flops'], 'FLOP/s')} (fp32 {result['matmul_size']}^2, best of "
         f"{result['matmul_repeats']}); FLOPs/token = 6*(N_nonemb + d*V) + 12*L*d*T (nanoGPT estimate_mfu)",
@@ -475,15 +551,14 @@ def render(result: dict[str, typing.Any]) -> str:
     for row in [header, *rows]:
         cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells))
-    ratio = result["ratio"]
-    line = (
-        f"\nratio decollapse/reference: {ratio['median']:.3f}x [{ratio['min']:.3f}-{ratio['max']:.3f}] "
-        f"(median [min-max] of {len(ratio['per_round'])} per-round ratios; "
-        f"middle half {ratio['p25']:.3f}-{ratio['p75']:.3f})"
-    )
-    if result["arch"] == "dense":
-        line += f"   target: >= {DENSE_TARGET:.2f}x (dense)"
-    lines.append(line)
+    if matched is None:
+        lines.append("\n" + ratio_line("decollapse/reference", result["ratio"], f"{DENSE_TARGET:.2f}x (dense)"))
+    else:
+        lines.append(
+            "\n" + ratio_line("decollapse/dense-matched", result["ratio_dense_matched"],
+                               f"{ARCH_TARGET:.2f}x ({result['arch']} vs dense of matched size)")
+        )
+        lines.append(ratio_line("decollapse/reference", result["ratio"], None))
     lines.append(
         "peak mem = parameters + AdamW state + high-water mark of one step's own allocations "
         + (
@@ -527,7 +602,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra field of the decollapse config (repeatable)")
+                        help="field of the config of the architecture under test (repeatable); not applied to "
+                        "dense-matched or the reference, which copy only its shape")
     parser.add_argument("--reference-activation", default=None,
                         help="override the reference's MLP activation (GPT-2 default gelu_new; BERT: gelu)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -569,13 +645,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     dec_model = build_decollapse(args.arch, args.objective, args.shape, overrides)
     ref = reference_shape(dec_model, args.shape)
+    trainees = [Trainee(f"decollapse {args.arch}", dec_model, args.lr, args.weight_decay, device)]
+    matched = None
+    if args.arch != "dense":
+        # dense and the reference at the architecture's shape, with the MLP width that matches its
+        # total parameter count (--set overrides stay with the architecture under test).
+        arch_params = count_params(dec_model)[0]
+        ref["intermediate_size"] = matched_intermediate_size(args.objective, ref, arch_params)
+        torch.manual_seed(args.seed)
+        dense_model = build_decollapse("dense", args.objective, ref, {"intermediate_size": ref["intermediate_size"]})
+        trainees.append(Trainee("decollapse dense (matched)", dense_model, args.lr, args.weight_decay, device))
+        matched = {
+            "intermediate_size": ref["intermediate_size"],
+            "arch_intermediate_size": getattr(dec_model.config, "intermediate_size", None),
+            "arch_params": arch_params,
+            "dense_params": count_params(dense_model)[0],
+        }
     torch.manual_seed(args.seed)
     ref_model = build_reference(args.objective, ref, args.reference_activation)
     reference_name = type(ref_model).__name__
-    trainees = [
-        Trainee(f"decollapse {args.arch}", dec_model, args.lr, args.weight_decay, device),
-        Trainee(f"{reference_name}", ref_model, args.lr, args.weight_decay, device),
-    ]
+    trainees.append(Trainee(f"{reference_name}", ref_model, args.lr, args.weight_decay, device))
+    if matched is not None:
+        matched["reference_params"] = count_params(ref_model)[0]
     batches = make_batches(args.objective, ref["vocab"], args.shape["batch_size"], ref["seq_len"], device, args.seed)
     tokens_per_step = args.shape["batch_size"] * ref["seq_len"]
 
@@ -588,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()  # a collection landing in one model's round would be charged to it alone
     try:
         for r in range(args.rounds):
-            order = trainees if r % 2 == 0 else trainees[::-1]
+            shift = r % len(trainees)  # rotate: A B, B A, ... / A B C, B C A, C A B, ...
+            order = trainees[shift:] + trainees[:shift]
             for trainee in order:
                 seconds = timed_round(trainee, batches, args.steps, args.warmup, device)
                 trainee.round_tokens_per_s.append(tokens_per_step * args.steps / seconds)
@@ -621,8 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mfu": median * per_token / peak_flops,
             }
         )
-    ratios = [a / b for a, b in zip(trainees[0].round_tokens_per_s, trainees[1].round_tokens_per_s)]
-    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    ratio = ratio_summary(trainees[0], trainees[-1], DENSE_TARGET if args.arch == "dense" else None)
     result = {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "arch": args.arch,
@@ -644,16 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_size": args.matmul_size,
         "matmul_repeats": args.matmul_repeats,
         "models": models,
-        "ratio": {
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-            "p25": quartiles[0],
-            "p75": quartiles[2],
-            "per_round": ratios,
-            "target": DENSE_TARGET if args.arch == "dense" else None,
-        },
+        "ratio": ratio,
     }
+    if matched is not None:
+        result["matched"] = matched
+        result["ratio_dense_matched"] = ratio_summary(trainees[0], trainees[1], ARCH_TARGET)
     print(render(result))
     if args.profile:
         for trainee in trainees:
