@@ -412,7 +412,7 @@ def test_jensen_shannon_divergence_is_symmetric_bounded_and_finite():
     r = torch.tensor([1.0, 1.0, 1.0, 1.0])
     assert jensen_shannon_divergence(p, r) == jensen_shannon_divergence(r, p)
     # Against the definition computed by hand.
-    a, b = p / p.sum(), r / r.sum()
+    a, b = p.double() / p.sum(), r.double() / r.sum()
     m = (a + b) / 2
     kl = lambda x: sum(float(xi * math.log(xi / mi)) for xi, mi in zip(x, m) if xi > 0)  # noqa: E731
     assert abs(jensen_shannon_divergence(p, r) - (kl(a) + kl(b)) / 2) < 1e-12

@@ -225,8 +225,8 @@ def support_shortfall(x: torch.Tensor, minimum: float) -> torch.Tensor:
     uses: ``q`` equal non-zero entries give exactly ``q``, one dominant entry gives about 1. It is
     scale-free, so unlike a hard count ``#{m : |x_im| > τ}`` it neither has a zero gradient nor
     depends on the rows' norm (a QR-initialised N × M matrix has entries near ``1/sqrt(N)``, below
-    any fixed τ such as the original's 0.1 for large N). A Gaussian row has ``PR ≈ M/3``. The floor
-    is 0, reached when every row has ``PR_i ≥ minimum``. A zero row counts as ``PR = 0``. An exactly
+    any fixed τ such as the original's 0.1 for large N). A Gaussian row has ``PR`` a little above
+    ``(M + 2)/3``, the ratio of the moments (about 6.5 at M = 16). The floor is 0, reached when every row has ``PR_i ≥ minimum``. A zero row counts as ``PR = 0``. An exactly
     one-hot row is a stationary point (the gradient on its zero entries vanishes, as for any function
     of the squared entries); a row with one dominant entry is pushed to spread.
 
