@@ -5,7 +5,8 @@ Per layer (pre-LN, two residual writes):
 
 1. ``u = LN(x)``; the **router** scores the layer's N neurons from ``u`` and from a context attention
    over the tokens ``u`` may see, mixed by a learned gate; it keeps the top k and softmax-weights
-   them. ``x += Σ_j w_j · neuron_j``.
+   them. ``x += Σ_j w_j · neuron_j`` (plus ``W_o · context`` with ``context_residual``, the default:
+   v5.0 wrote nothing of the context attention into the residual stream).
 2. ``v = LN(x)``; the **basis FFN** composes the token's up-projection from its selected neurons'
    coefficient rows over M shared low-rank basis blocks, ``W_up = (Σ_m a_m A_m)(Σ_m b_m B_m)``, and
    ``x += down(GELU(v W_up) ⊙ σ(modulation(Σ_j w_j · neuron_j)))``.
@@ -13,7 +14,8 @@ Per layer (pre-LN, two residual writes):
 What differs from the original, on purpose (spec §6–7): the up-projection is composed per token (or
 from a causal prefix), never pooled over the whole sequence for a causal LM; padding enters no
 pooling and no attention; the masked-LM variant routes with a bidirectional context attention;
-the sparsity loss is differentiable; every loss is reported minus its floor.
+the sparsity loss is differentiable; a load-balancing term keeps the router using its pool; every
+loss is reported minus its floor. docs/DAWN.md gives the reasons and the measurements.
 
 Reads top to bottom: router -> basis FFN -> layer -> pretrained base -> model -> LM heads.
 Imports only torch, transformers and sibling modules (plus the one configuration import that the Hub
@@ -93,6 +95,8 @@ class DawnNeuronRouter(nn.Module):
 
     Neurons are the rows of ``neuron_factors @ neuron_basis`` (N × r_n times r_n × D).
     ``score = g_tok · u·neuronᵀ + g_ctx · c·neuronᵀ`` with ``(g_tok, g_ctx) = softmax(W_g [u; c])``.
+    With ``context_residual`` the context ``c`` is also projected (``context_proj``) for the residual
+    stream; without it, ``c`` only moves the scores, as in v5.0.
     """
 
     def __init__(self, config: DawnConfig):
