@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runner import TrainJob, UsageError, plan, run, _publish
+from .runner import TrainJob, UsageError, plan, publish, run
 
 REDUCTIONS = {"min": min, "max": max, "mean": lambda values: sum(values) / len(values)}
 
@@ -68,8 +68,9 @@ def headline(metrics: dict[str, float], spec: dict[str, tuple[str, str]]) -> dic
     return out
 
 
-def plan_ablation(job: AblationJob) -> list[tuple[dict[str, str], TrainJob]]:
-    """Validates every run of the grid (and the output folder) before any work starts."""
+def plan_ablation(job: AblationJob) -> list[tuple[dict[str, str], TrainJob, dict[str, Any]]]:
+    """Validates every run of the grid (and the output folder) before any work starts; returns each
+    cell's settings, its train job and its resolved plan."""
     if job.output_dir.exists():
         if not job.output_dir.is_dir():
             raise UsageError(f"--output-dir {job.output_dir}: exists and is not a directory")
@@ -88,21 +89,20 @@ def plan_ablation(job: AblationJob) -> list[tuple[dict[str, str], TrainJob]]:
             settings={**job.settings, **combo},
             max_steps=job.max_steps,
         )
-        plan(train_job)
-        runs.append((combo, train_job))
+        runs.append((combo, train_job, plan(train_job)))
     return runs
 
 
 def run_ablation(job: AblationJob, on_run_done=None) -> list[dict[str, Any]]:
     runs = plan_ablation(job)
-    parts = plan(runs[0][1])
+    parts = runs[0][2]
     spec = getattr(parts["arch"].model_for_objective(parts["objective"]), "collapse_headline", {})
     output_dir = job.output_dir
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     rows = []
     try:
-        for combo, train_job in runs:
+        for combo, train_job, _ in runs:
             train_job.output_dir = work / "runs" / run_name(combo)
             summary = run(train_job)
             diagnostics = json.loads((train_job.output_dir / "diagnostics.json").read_text())["metrics"]
@@ -130,7 +130,7 @@ def run_ablation(job: AblationJob, on_run_done=None) -> list[dict[str, Any]]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _publish(work, output_dir)
+    publish(work, output_dir)
     return rows
 
 

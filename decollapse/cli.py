@@ -30,33 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train an architecture (on the embedded corpus by default)")
-    train.add_argument("arch", help="architecture name (`decollapse list`)")
-    train.add_argument(
-        "--dataset",
-        default="synthetic",
-        help="'synthetic' (default, embedded corpus), a local text file or folder, or a Hub id[:config]",
-    )
-    train.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 5000)")
-    train.add_argument("--output-dir", type=Path, default=None, help="default: runs/<arch>-<timestamp>")
-    train.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    train.add_argument(
-        "--set", dest="settings", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="override model, training (train.*) or corpus (corpus.*) knobs",
-    )
+    _add_run_arguments(train, "runs/<arch>-<timestamp>", "override model, training (train.*) or corpus (corpus.*) knobs")
 
     ablate = sub.add_parser("ablate", help="a grid of train runs (full factorial) and one comparison table")
-    ablate.add_argument("arch", help="architecture name (`decollapse list`)")
+    _add_run_arguments(ablate, "runs/<arch>-ablation-<timestamp>", "knobs shared by every run")
     ablate.add_argument(
         "--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2", required=True,
         help="knobs to vary; every combination is trained",
-    )
-    ablate.add_argument("--dataset", default="synthetic", help="as for train")
-    ablate.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default 5000)")
-    ablate.add_argument("--output-dir", type=Path, default=None, help="default: runs/<arch>-ablation-<timestamp>")
-    ablate.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    ablate.add_argument(
-        "--set", dest="settings", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="knobs shared by every run",
     )
 
     diagnose = sub.add_parser("diagnose", help="collapse report of a checkpoint folder")
@@ -66,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="architectures, variants and knobs with their defaults")
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, default_dir: str, set_help: str) -> None:
+    """The arguments of a training run, shared by ``train`` and ``ablate`` (which trains one per cell)."""
+    parser.add_argument("arch", help="architecture name (`decollapse list`)")
+    parser.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="'synthetic' (default, embedded corpus), a local text file or folder, or a Hub id[:config]",
+    )
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default 5000)")
+    parser.add_argument("--output-dir", type=Path, default=None, help=f"default: {default_dir}")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument(
+        "--set", dest="settings", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +115,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    import time
-
     from .ablation import AblationJob, parse_grid, run_ablation, to_markdown
-    from .runner import UsageError
+    from .runner import UsageError, default_output_dir
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
 
@@ -131,7 +125,7 @@ def _cmd_ablate(args) -> int:
         grid = parse_grid(args.grid)
     except (SettingError, UsageError) as err:
         return _fail(str(err))
-    output_dir = args.output_dir or Path("runs") / f"{args.arch}-ablation-{time.strftime('%Y%m%d-%H%M%S')}"
+    output_dir = args.output_dir or default_output_dir(f"{args.arch}-ablation")
     job = AblationJob(
         arch=args.arch, grid=grid, output_dir=output_dir, settings=settings, max_steps=args.max_steps,
         dataset=args.dataset, overwrite=args.overwrite,

@@ -218,7 +218,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _publish(work, output_dir)
+    publish(work, output_dir)
     return metrics
 
 
@@ -338,7 +338,8 @@ def _jsonable(value):
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _publish(work: Path, output_dir: Path) -> None:
+def publish(work: Path, output_dir: Path) -> None:
+    """Moves a complete ``work`` folder to ``output_dir``, replacing what was there."""
     if output_dir.exists():
         # --overwrite was checked in plan(); swap atomically enough: move the old one aside first.
         trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import DataCollatorForLanguageModeling, TrainerControl, TrainerState
+from transformers import TrainerControl, TrainerState
 
-from decollapse.modeling.diagnostics import CollapseReport
 from decollapse.trainers import (
     CollapseMonitorCallback,
     DecollapseTrainer,

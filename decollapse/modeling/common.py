@@ -74,6 +74,19 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def masked_lm_loss(predict, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (masked) positions only; -100 is ignored.
+
+    ``predict`` maps selected hidden states (n, H) to logits (n, V). Only the labelled positions are
+    projected, so the training step never materialises (B, T, V) logits. A batch with nothing labelled
+    gives a zero loss that still has a graph (never NaN).
+    """
+    selected = labels != IGNORE_INDEX
+    if not bool(selected.any()):
+        return hidden_states.sum() * 0.0
+    return F.cross_entropy(predict(hidden_states[selected]).float(), labels[selected])
+
+
 class DecollapsePreTrainedModel(PreTrainedModel):
     """Base of every decollapse model: explicit initialisation of the standard modules and the
     collapse-report contract.

@@ -34,10 +34,10 @@ from transformers import initialization as init
 
 from ..configuration.dawn import DawnConfig
 from .common import (
-    IGNORE_INDEX,
     DecollapsePreTrainedModel,
     attention_bias,
     causal_lm_loss,
+    masked_lm_loss,
     position_ids_from_mask,
 )
 from .diagnostics import (
@@ -54,7 +54,13 @@ from .diagnostics import (
     usage_share,
 )
 from .outputs import DecollapseCausalLMOutput, DecollapseMaskedLMOutput, DecollapseModelOutput, combine_losses
-from .regularizers import load_balancing_loss, mean_squared_off_diagonal_cosine, support_shortfall, welch_floor
+from .regularizers import (
+    load_balancing_loss,
+    mean_squared_off_diagonal_cosine,
+    row_participation_ratio,
+    support_shortfall,
+    welch_floor,
+)
 
 
 @dataclass
@@ -172,8 +178,8 @@ class DawnBasisFFN(nn.Module):
         mix_a, mix_b = self.compose(routing.dense_weights, valid)
         # v A_m for every basis at once: (B, T, D) × (D, M·r_b).
         projected = hidden_states @ self.basis_A.permute(1, 0, 2).reshape(width, -1)
-        # Σ_m a_m (v A_m) as multiply-and-sum: 2.4× faster than the equivalent einsum, which lowers to
-        # B·T tiny (1 × M)(M × r_b) matmuls on CPU.
+        # Σ_m a_m (v A_m) as multiply-and-sum: the equivalent einsum lowers to B·T tiny (1 × M)(M × r_b)
+        # matmuls on CPU, which are slower.
         low = (mix_a.unsqueeze(-1) * projected.view(batch, seq_len, self.num_basis, self.basis_rank)).sum(-2)
         # (Σ_m b_m B_m)ᵀ applied to low = (b ⊗ low) · stacked B: (B, T, M·r_b) × (M·r_b, F).
         outer = (mix_b.unsqueeze(-1) * low.unsqueeze(-2)).reshape(batch, seq_len, -1)
@@ -301,10 +307,7 @@ class DawnPreTrainedModel(DecollapsePreTrainedModel):
             for name in ("coef_A", "coef_B"):
                 coef = getattr(ffn, name)
                 rows = unit_report(vectors=coef)
-                squares = coef.pow(2)
-                rows.metrics["participation_ratio_mean"] = float(
-                    (squares.sum(-1).pow(2) / squares.pow(2).sum(-1).clamp_min(1e-30)).mean()
-                )
+                rows.metrics["participation_ratio_mean"] = float(row_participation_ratio(coef).mean())
                 # The original's hard count (|c| > 0.1), kept for comparison with its reports.
                 rows.metrics["active_entries_mean"] = float((coef.abs() > 0.1).sum(-1).float().mean())
                 report.update(rows, prefix=f"layer{i}.{name}.")
@@ -545,13 +548,7 @@ class DawnForMaskedLM(DawnPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
-        task_loss = None
-        if labels is not None:
-            selected = labels != IGNORE_INDEX
-            if bool(selected.any()):
-                task_loss = F.cross_entropy(self._predict(hidden_states[selected]).float(), labels[selected])
-            else:
-                task_loss = hidden_states.sum() * 0.0
+        task_loss = masked_lm_loss(self._predict, hidden_states, labels) if labels is not None else None
         logits = None if (self.training and labels is not None) else self._predict(hidden_states)
         return DecollapseMaskedLMOutput(
             loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),

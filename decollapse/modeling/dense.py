@@ -16,10 +16,10 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..configuration.dense import DenseConfig
 from .common import (
-    IGNORE_INDEX,
     DecollapsePreTrainedModel,
     attention_bias,
     causal_lm_loss,
+    masked_lm_loss,
     position_ids_from_mask,
 )
 from .diagnostics import CollapseReport, effective_rank_entropy, homonym_separation, unit_report
@@ -358,15 +358,7 @@ class DenseForMaskedLM(DensePreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
-        task_loss = None
-        if labels is not None:
-            # Only masked positions carry a loss: project just those instead of materialising
-            # (B, T, V) logits in the training step.
-            selected = labels != IGNORE_INDEX
-            if bool(selected.any()):
-                task_loss = F.cross_entropy(self._predict(hidden_states[selected]).float(), labels[selected])
-            else:  # a batch with nothing masked: zero loss that still has a graph, never NaN
-                task_loss = hidden_states.sum() * 0.0
+        task_loss = masked_lm_loss(self._predict, hidden_states, labels) if labels is not None else None
         logits = None if (self.training and labels is not None) else self._predict(hidden_states)
         return DecollapseMaskedLMOutput(
             loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),

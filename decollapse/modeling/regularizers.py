@@ -29,6 +29,7 @@ __all__ = [
     "orthogonality",
     "soft_orthogonality",
     "support_shortfall",
+    "row_participation_ratio",
     "load_balancing_loss",
     "router_z_loss",
     "routing_entropy",
@@ -238,13 +239,21 @@ def support_shortfall(x: torch.Tensor, minimum: float) -> torch.Tensor:
     gradient); participation ratio as in Gao & Ganguli, "On simplicity and complexity in the brave
     new world of large-scale neuroscience", 2015.
     """
-    xf = _as_float(x)
-    sq = xf * xf
-    second = sq.sum(dim=-1)
-    fourth = (sq * sq).sum(dim=-1)
+    return torch.relu(minimum - row_participation_ratio(x)).mean()
+
+
+def row_participation_ratio(x: torch.Tensor) -> torch.Tensor:
+    """Participation ratio of each row, a smooth count of the coordinates it uses (differentiable).
+
+    ``PR_i = (Σ_m x_im²)² / Σ_m x_im⁴``, shape ``x.shape[:-1]``. ``q`` equal non-zero entries give
+    ``q``; a zero row gives 0 (not NaN) with a finite gradient. Not to be confused with
+    ``diagnostics.participation_ratio``, which counts the dimensions of a covariance spectrum.
+
+    Reference: spec dawn §3 (the basis count of L_sparse); Gao & Ganguli 2015.
+    """
+    sq = _as_float(x).pow(2)
     # A zero row has 0/0; the clamp makes it 0 with a finite gradient.
-    pr = second.pow(2) / fourth.clamp_min(_NORM_EPS**2)
-    return torch.relu(minimum - pr).mean()
+    return sq.sum(dim=-1).pow(2) / sq.pow(2).sum(dim=-1).clamp_min(_NORM_EPS**2)
 
 
 # --------------------------------------------------------------------------------------------
