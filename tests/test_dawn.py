@@ -253,7 +253,7 @@ def test_neuron_balance_reaches_the_router_and_ignores_padding():
     ids = torch.randint(3, 61, (2, 12))
     out = model(input_ids=ids)
     term = out.aux_losses["neuron_balance"]
-    assert -1.0 < float(term) < model.config.num_neurons
+    assert -1.0 < term.item() < model.config.num_neurons
     term.backward()
     router = model.model.layers[0].router
     assert router.neuron_factors.grad.abs().sum() > 0 and router.gate.weight.grad.abs().sum() > 0
