@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--plots-dir", type=Path, default=None, help="default: CHECKPOINT/plots")
     diagnose.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
+    sweep = sub.add_parser(
+        "recursive-sweep", help="held-out loss and concept rank of a recursive encoder at each K (test-time compute)"
+    )
+    sweep.add_argument("checkpoint", type=Path)
+    sweep.add_argument("--k", default="2,4,6,8,12", help="iteration counts, comma-separated (default 2,4,6,8,12)")
+    sweep.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
     sub.add_parser("list", help="architectures, variants and knobs with their defaults")
     return parser
 
@@ -67,7 +74,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser, default_dir: str, set_he
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _cmd_train, "ablate": _cmd_ablate, "diagnose": _cmd_diagnose, "list": _cmd_list}
+    handlers = {
+        "train": _cmd_train,
+        "ablate": _cmd_ablate,
+        "diagnose": _cmd_diagnose,
+        "recursive-sweep": _cmd_recursive_sweep,
+        "list": _cmd_list,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -99,6 +112,14 @@ def _cmd_train(args) -> int:
         return _fail(f"{err}; training stopped, last good weights kept in {job.output_dir}/last-good-checkpoint")
     metrics = summary["metrics"]
     print(f"wrote {job.output_dir}")
+    if summary["objective"] != "causal_lm":
+        # Masked / denoising objectives: the held-out loss over the positions the objective scores.
+        for split in ("validation", "test"):
+            if f"{split}_loss" in metrics:
+                print(f"{split} {summary['objective']} loss {metrics[f'{split}_loss']:.4f}")
+        for alarm in summary["alarms"]:
+            print(f"collapse alarm at step {alarm['step']}: {alarm['message']}")
+        return 0
     for split in ("validation", "test"):
         if f"{split}_perplexity" not in metrics:
             continue
@@ -157,9 +178,27 @@ def _cmd_diagnose(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict()["metrics"], indent=2))
     else:
+        from .diagnose import health_table
+
         print(report.to_markdown())
+        health = health_table(report)
+        if health:
+            print("\nhealth (thresholds of shared/specs/mrcogito.md §4):")
+            print(health)
         if plots:
             print(f"\nplots: {plots[0].parent}")
+    return 0
+
+
+def _cmd_recursive_sweep(args) -> int:
+    from .diagnose import DiagnoseError
+    from .sweep import parse_ks, recursive_sweep, to_markdown
+
+    try:
+        rows = recursive_sweep(args.checkpoint, parse_ks(args.k))
+    except DiagnoseError as err:
+        return _fail(str(err))
+    print(json.dumps(rows, indent=2) if args.json else to_markdown(rows))
     return 0
 
 

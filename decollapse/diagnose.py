@@ -44,3 +44,21 @@ def diagnose(folder: Path, plots_dir: Path | None = None) -> tuple[CollapseRepor
 
     plots = write_plots(plots_dir or folder / "plots", history, report)
     return report, plots
+
+
+def health_table(report: CollapseReport) -> str | None:
+    """Markdown table of the graded metrics (those with a ``<name>.grade`` beside them): value,
+    grade and the thresholds that define it (spec mrcogito §4). None when nothing is graded."""
+    from .modeling.diagnostics import CONCEPT_HEALTH_THRESHOLDS
+
+    names = {"0.0": "POOR", "1.0": "OK", "2.0": "GOOD"}
+    lines = ["| metric | value | grade | POOR / OK / GOOD edges |", "|---|---|---|---|"]
+    for key in sorted(report.metrics):
+        if not key.endswith(".grade"):
+            continue
+        metric = key[: -len(".grade")]
+        short = metric.split(".", 1)[1] if metric.startswith("concepts.") else metric
+        bad, good, higher = CONCEPT_HEALTH_THRESHOLDS.get(short, (float("nan"), float("nan"), True))
+        edges = f"< {bad:g} / ≥ {bad:g} / ≥ {good:g}" if higher else f"≥ {bad:g} / < {bad:g} / < {good:g}"
+        lines.append(f"| {metric} | {report.metrics.get(metric, float('nan')):.4g} | {names[str(report.metrics[key])]} | {edges} |")
+    return "\n".join(lines) if len(lines) > 2 else None

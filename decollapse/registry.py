@@ -10,7 +10,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
 # The Auto class that serves each objective's head.
 OBJECTIVE_AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM"}
@@ -18,6 +24,7 @@ _AUTO = {
     "AutoModel": AutoModel,
     "AutoModelForCausalLM": AutoModelForCausalLM,
     "AutoModelForMaskedLM": AutoModelForMaskedLM,
+    "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
 }
 
 
@@ -27,30 +34,38 @@ class Architecture:
     config: str
     models: dict[str, str] = field(default_factory=dict)  # Auto class name -> model class name
     summary: str = ""
+    # Pre-training objectives with no transformers Auto class (TSDAE, diffusion): objective -> class.
+    extra_heads: dict[str, str] = field(default_factory=dict)
 
     @property
     def config_class(self):
         return getattr(importlib.import_module(f"decollapse.configuration.{self.name}"), self.config)
 
     def model_class(self, auto_name: str):
-        module = importlib.import_module(f"decollapse.modeling.{self.name}")
-        return getattr(module, self.models[auto_name])
+        return self._class(self.models[auto_name])
+
+    def _class(self, class_name: str):
+        return getattr(importlib.import_module(f"decollapse.modeling.{self.name}"), class_name)
 
     def model_for_objective(self, objective: str):
-        auto_name = OBJECTIVE_AUTO_CLASSES[objective]
+        if objective in self.extra_heads:
+            return self._class(self.extra_heads[objective])
+        auto_name = OBJECTIVE_AUTO_CLASSES.get(objective)
         if auto_name not in self.models:
             raise ValueError(f"architecture {self.name!r} has no {objective} head")
         return self.model_class(auto_name)
 
     @property
     def objectives(self) -> list[str]:
-        return [obj for obj, auto in OBJECTIVE_AUTO_CLASSES.items() if auto in self.models]
+        auto = [obj for obj, name in OBJECTIVE_AUTO_CLASSES.items() if name in self.models]
+        return auto + list(self.extra_heads)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in [
         Architecture("dense", "DenseConfig", {"AutoModel": "DenseModel", "AutoModelForCausalLM": "DenseForCausalLM", "AutoModelForMaskedLM": "DenseForMaskedLM"}, "plain pre-LN transformer: the control arm"),  # noqa: E501
+        Architecture("concept", "ConceptEncoderConfig", {"AutoModel": "ConceptEncoderModel", "AutoModelForMaskedLM": "ConceptEncoderForMaskedLM", "AutoModelForSequenceClassification": "ConceptEncoderForSequenceClassification"}, "C concept vectors read the sequence by cross-attention: a Perceiver bottleneck (MrCogito)", {"tsdae": "ConceptEncoderForTSDAE", "masked_diffusion": "ConceptEncoderForMaskedDiffusion", "prefix_diffusion": "ConceptEncoderForPrefixDiffusion"}),  # noqa: E501
         Architecture("dawn", "DawnConfig", {"AutoModel": "DawnModel", "AutoModelForCausalLM": "DawnForCausalLM", "AutoModelForMaskedLM": "DawnForMaskedLM"}, "neurons as basis-FFN combinations picked per token by a neuron router (DAWN v5.0)"),  # noqa: E501
     ]
 }

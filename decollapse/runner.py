@@ -9,6 +9,7 @@ last good weights are kept in ``DIR/last-good-checkpoint`` (a complete checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -75,6 +76,9 @@ class TrainRecipe:
     probe_size: int = 16
     stop_on_alarm: bool = False
     mlm_probability: float = 0.15
+    deletion_rate: float = 0.6
+    min_prefix_fraction: float = 0.3
+    max_prefix_fraction: float = 0.5
     block_size: int = 128
     report_to: str = "none"
 
@@ -113,6 +117,13 @@ def plan(job: TrainJob) -> dict[str, Any]:
         raise UsageError(f"--max-steps {recipe.max_steps}: expected a positive integer")
     if recipe.batch_size <= 0:
         raise UsageError(f"--set batch_size={recipe.batch_size}: expected a positive integer")
+    if not 0.0 <= recipe.deletion_rate < 1.0:
+        raise UsageError(f"--set deletion_rate={recipe.deletion_rate}: expected a number in [0, 1)")
+    if not 0.0 < recipe.min_prefix_fraction <= recipe.max_prefix_fraction < 1.0:
+        raise UsageError(
+            f"--set min_prefix_fraction={recipe.min_prefix_fraction} max_prefix_fraction="
+            f"{recipe.max_prefix_fraction}: expected 0 < min <= max < 1"
+        )
     if sets["corpus"] and job.dataset != SYNTHETIC:
         raise UsageError("corpus.* settings only apply to the embedded synthetic corpus")
     try:
@@ -124,9 +135,20 @@ def plan(job: TrainJob) -> dict[str, Any]:
         arch.config_class(**sets["model"])
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
-    objective = sets["model"].get("objective", "causal_lm")
+    objective = sets["model"].get("objective", arch.objectives[0])
     if objective not in arch.objectives:
         raise UsageError(f"{arch.name} has no {objective} head; choose one of {', '.join(arch.objectives)}")
+    init_from = sets["model"].get("init_from")
+    if init_from is not None:
+        if job.dataset == SYNTHETIC:
+            raise UsageError(
+                "model.init_from needs a text --dataset: the embedded corpus has its own vocabulary, "
+                "and initialised embeddings only mean something with the checkpoint's tokenizer"
+            )
+        if not hasattr(arch.model_class("AutoModel"), "load_pretrained_embeddings"):
+            raise UsageError(f"{arch.name} cannot be initialised from another checkpoint (model.init_from)")
+        if _looks_local(init_from) and not Path(init_from).expanduser().is_dir():
+            raise UsageError(f"model.init_from={init_from}: no such checkpoint folder")
 
     if job.dataset != SYNTHETIC and _looks_local(job.dataset) and not Path(job.dataset).expanduser().exists():
         raise UsageError(f"--dataset {job.dataset}: no such file or directory")
@@ -158,11 +180,21 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
         corpus = build_synthetic_corpus(parts["corpus_config"])
         return corpus.dataset, corpus.tokenizer, corpus.summary()
     source, _, hub_config = job.dataset.partition(":")
+    tokenizer = None
+    init_from = parts["model_settings"].get("init_from")
+    if init_from is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(init_from)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"model.init_from={init_from}: no tokenizer could be loaded ({err})") from None
     try:
         corpus = load_text_corpus(
             source,
             hub_config=hub_config or None,
             block_size=parts["recipe"].block_size,
+            tokenizer=tokenizer,
             seed=parts["recipe"].seed,
         )
     except (ValueError, OSError, FileNotFoundError) as err:
@@ -176,6 +208,20 @@ def build_model(parts: dict[str, Any], tokenizer, seq_len: int):
     arch = parts["arch"]
     settings = dict(parts["model_settings"])
     settings.setdefault("max_position_embeddings", seq_len)
+    fields = {f.name for f in dataclasses.fields(arch.config_class)}
+    if "mask_token_id" in fields and tokenizer.mask_token_id is not None:
+        settings.setdefault("mask_token_id", tokenizer.mask_token_id)
+    init_from = settings.pop("init_from", None)
+    source = None
+    if init_from is not None:
+        from transformers import AutoModel
+
+        try:
+            source = AutoModel.from_pretrained(init_from)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"model.init_from={init_from}: {err}") from None
+        if "token_embedding_dim" in fields:
+            settings.setdefault("token_embedding_dim", source.get_input_embeddings().weight.shape[1])
     config = arch.config_class(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -183,7 +229,41 @@ def build_model(parts: dict[str, Any], tokenizer, seq_len: int):
         eos_token_id=tokenizer.eos_token_id,
         **settings,
     )
-    return arch.model_for_objective(parts["objective"])(config)
+    model = arch.model_for_objective(parts["objective"])(config)
+    if source is not None:
+        try:
+            copied = model.base_model.load_pretrained_embeddings(source)
+        except ValueError as err:
+            raise UsageError(f"model.init_from={init_from}: {err}") from None
+        logger.info("initialised %s from %s", ", ".join(copied), init_from)
+    return model
+
+
+def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
+    """The data collator of an objective; the runner builds a fresh one per evaluation so that
+    evaluation masks, deletions and splits are the same every time."""
+    from .data.collators import (
+        DataCollatorForMaskedDiffusion,
+        DataCollatorForPrefixGeneration,
+        DataCollatorForTSDAE,
+    )
+
+    if objective in ("causal_lm", "masked_lm"):
+        return DataCollatorForLanguageModeling(
+            tokenizer, mlm=objective == "masked_lm", mlm_probability=recipe.mlm_probability, seed=recipe.seed
+        )
+    if objective == "tsdae":
+        return DataCollatorForTSDAE(tokenizer, deletion_rate=recipe.deletion_rate, seed=recipe.seed)
+    if objective == "masked_diffusion":
+        return DataCollatorForMaskedDiffusion(tokenizer)
+    if objective == "prefix_diffusion":
+        return DataCollatorForPrefixGeneration(
+            tokenizer,
+            min_prefix_fraction=recipe.min_prefix_fraction,
+            max_prefix_fraction=recipe.max_prefix_fraction,
+            seed=recipe.seed,
+        )
+    raise UsageError(f"no data collator for objective {objective!r}")
 
 
 def probe_batch(split, size: int) -> dict[str, torch.Tensor]:
@@ -248,9 +328,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         aux_warmup_steps=recipe.aux_warmup_steps,
         use_cpu=not torch.cuda.is_available(),
     )
-    collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm=objective == "masked_lm", mlm_probability=recipe.mlm_probability, seed=recipe.seed
-    )
+    try:
+        collator = build_collator(objective, tokenizer, recipe)
+    except ValueError as err:
+        raise UsageError(f"--set: {err}") from None
     keep = ["input_ids"]
     train = dataset["train"].select_columns(keep)
     validation = dataset["validation"].select_columns(keep)
@@ -264,6 +345,7 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
             data_collator=collator,
             processing_class=tokenizer,
             callbacks=[monitor, NonFiniteGuardCallback()],
+            eval_data_collator=lambda: build_collator(objective, tokenizer, recipe),
         )
     except ValueError as err:
         raise UsageError(str(err)) from None

@@ -20,6 +20,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "max_position_embeddings": 32, "vocab_size": 61}
 TINY_OVERRIDES: dict[str, dict] = {
     "dense": {"num_attention_heads": 4},
+    "concept": {"num_concepts": 8, "num_attention_heads": 4, "intermediate_size": 32},
     "dawn": {"num_neurons": 32, "neuron_top_k": 4, "num_basis": 8, "basis_rank": 4, "modulation_rank": 8},
 }
 
@@ -29,8 +30,10 @@ def tiny_config(arch_name: str, **overrides):
     return arch.config_class(**{**TINY, **TINY_OVERRIDES.get(arch_name, {}), **overrides})
 
 
-def tiny_model(arch_name: str, objective: str = "causal_lm", **overrides):
+def tiny_model(arch_name: str, objective: str | None = None, **overrides):
+    """A tiny model of the architecture's head for ``objective`` (default: its first objective)."""
     torch.manual_seed(0)
+    objective = objective or ARCHITECTURES[arch_name].objectives[0]
     config = tiny_config(arch_name, objective=objective, **overrides)
     return ARCHITECTURES[arch_name].model_for_objective(objective)(config)
 

@@ -82,7 +82,7 @@ def test_list_shows_architectures_and_knobs(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "nope"], "unknown architecture 'nope'; choose one of: dawn, dense"),
+        (["train", "nope"], "unknown architecture 'nope'; choose one of: concept, dawn, dense"),
         (["train", "dense", "--set", "hiden_size=32"], "did you mean hidden_size"),
         (["train", "dense", "--set", "hidden_size=abc"], "expected a value of type int"),
         (["train", "dense", "--set", "hidden_size=30", "num_attention_heads=4"], "hidden_size=30"),

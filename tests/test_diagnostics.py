@@ -417,3 +417,223 @@ def test_jensen_shannon_divergence_is_symmetric_bounded_and_finite():
     kl = lambda x: sum(float(xi * math.log(xi / mi)) for xi, mi in zip(x, m) if xi > 0)  # noqa: E731
     assert abs(jensen_shannon_divergence(p, r) - (kl(a) + kl(b)) / 2) < 1e-12
     assert jensen_shannon_divergence(torch.zeros(4), p) == 0.0
+
+
+# ------------------------------------------------------------------------------ concept geometry
+
+CONCEPT_KEYS = {
+    *(f"global.{k}" for k in (
+        "effective_rank_nuclear", "effective_rank_nuclear_ratio", "effective_rank_entropy",
+        "effective_rank_entropy_ratio", "top1_dominance", "top1_variance_ratio", "top5_variance_ratio",
+        "dims_for_95pct_variance",
+    )),
+    *(f"within.{k}" for k in (
+        "effective_rank_entropy", "effective_rank_entropy_ratio", "effective_rank_nuclear",
+        "effective_rank_nuclear_ratio", "top1_dominance",
+    )),
+    "mean_abs_cosine", "max_signed_cosine", "offdiag_cosine_std", "similar_pair_fraction",
+    "slot_cross_input_cosine",
+    "dim_std_mean", "dim_std_min", "dim_std_max", "collapsed_dims", "collapsed_dim_ratio", "active_dim_fraction",
+    "uniformity", "isotropy", "participation_ratio", "participation_ratio_normalized",
+    "norm_mean", "norm_std", "norm_min", "norm_max",
+}  # fmt: skip
+
+
+def orthonormal_concepts(b: int, c: int, h: int, seed: int = 0) -> torch.Tensor:
+    """[b, c, h]: per input, c orthonormal rows from a different random rotation."""
+    return torch.stack([torch.linalg.qr(randn(h, c, seed=seed + i))[0].T for i in range(b)])
+
+
+def test_concept_geometry_orthonormal_concepts_are_healthy_within_inputs():
+    c = orthonormal_concepts(5, 4, 8, seed=60)
+    r = D.concept_geometry(c)
+    assert set(r.metrics) == CONCEPT_KEYS
+    assert all(isinstance(v, float) for v in r.metrics.values())
+    m = r.metrics
+    assert m["within.effective_rank_entropy"] == pytest.approx(4.0, abs=1e-4)
+    assert m["within.effective_rank_entropy_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert m["within.effective_rank_nuclear_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert m["within.top1_dominance"] == pytest.approx(0.25, abs=1e-5)
+    assert m["mean_abs_cosine"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(m["max_signed_cosine"]) < 1e-6 and m["similar_pair_fraction"] == 0.0
+    assert m["uniformity"] == pytest.approx(math.exp(-4), rel=1e-5)  # every pair at cos 0
+    assert m["norm_mean"] == pytest.approx(1.0, abs=1e-6) and m["norm_std"] == pytest.approx(0.0, abs=1e-6)
+    assert r.matrices["similarity"].shape == (4, 4)
+    assert r.distributions["global_singular_values"].shape == (4,)
+
+
+def test_concept_geometry_copies_of_one_vector_collapse_within():
+    v = randn(6, seed=61)
+    scale = torch.arange(1.0, 4.0).reshape(3, 1, 1)  # inputs differ only in length
+    c = v.expand(3, 5, 6) * scale
+    m = D.concept_geometry(c).metrics
+    assert m["within.effective_rank_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert m["within.effective_rank_nuclear"] == pytest.approx(1.0, abs=1e-4)
+    assert m["within.top1_dominance"] == pytest.approx(1.0, abs=1e-5)
+    assert m["max_signed_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert m["mean_abs_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert m["similar_pair_fraction"] == 1.0
+    assert m["offdiag_cosine_std"] == pytest.approx(0.0, abs=1e-6)
+    assert m["uniformity"] == pytest.approx(1.0, abs=1e-5)
+    assert m["global.effective_rank_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert m["global.top1_variance_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert m["global.dims_for_95pct_variance"] == 1.0
+    # rows vary along one direction only: one non-zero covariance eigenvalue out of 6
+    assert m["isotropy"] == pytest.approx(0.0, abs=1e-9)
+    assert m["participation_ratio"] == pytest.approx(1.0, abs=1e-4)
+    # the threshold is strict and signed: negated copies are not "similar"
+    flipped = c.clone()
+    flipped[:, ::2] *= -1
+    mf = D.concept_geometry(flipped).metrics
+    assert mf["mean_abs_cosine"] == pytest.approx(1.0, abs=1e-6)
+    # signs (-, +, -, +, -): same-sign pairs are 3 among the negatives + 1 among the positives, of 10
+    assert mf["similar_pair_fraction"] == pytest.approx(4 / 10)
+    assert D.concept_geometry(c, similar_threshold=1.0).metrics["similar_pair_fraction"] == 0.0
+
+
+def test_concept_geometry_slot_cross_input_cosine():
+    base = randn(4, 16, seed=62)
+    constant = base.expand(6, 4, 16).clone()
+    assert D.concept_geometry(constant).metrics["slot_cross_input_cosine"] == pytest.approx(1.0, abs=1e-6)
+    # scaling per input keeps the direction: still input-independent
+    scaled = constant * torch.arange(1.0, 7.0).reshape(6, 1, 1)
+    assert D.concept_geometry(scaled).metrics["slot_cross_input_cosine"] == pytest.approx(1.0, abs=1e-6)
+    varied = randn(6, 4, 16, seed=63)
+    assert abs(D.concept_geometry(varied).metrics["slot_cross_input_cosine"]) < 0.2
+    # hand value: slot 0 is e1 then e2 (cos 0), slot 1 is e1 then -e1 (cos -1) -> mean -0.5
+    hand = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [-1.0, 0.0]]])
+    assert D.concept_geometry(hand).metrics["slot_cross_input_cosine"] == pytest.approx(-0.5)
+    assert D.concept_geometry(constant[:1]).metrics["slot_cross_input_cosine"] == 0.0  # B = 1
+
+
+def test_concept_geometry_global_and_within_views_disagree():
+    # each input is rank 1 (concept i = a_bi · u_b) but the direction u_b differs per input and the
+    # loadings a_b are independent, so the batch mean has rank 2.
+    u = torch.eye(6)[:2]
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, -1.0, 2.0, 0.5]])
+    c = a.unsqueeze(-1) * u.unsqueeze(1)  # [2, 4, 6]
+    m = D.concept_geometry(c).metrics
+    assert m["within.effective_rank_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert m["within.effective_rank_nuclear"] == pytest.approx(1.0, abs=1e-4)
+    assert m["global.effective_rank_entropy"] > 1.8
+    assert m["global.effective_rank_nuclear"] > 1.5
+    # the reverse: full rank within each input, but the second input is the negation of the first,
+    # so the mean is zero and the global view reports no rank at all.
+    q = orthonormal_concepts(1, 4, 8, seed=64)[0]
+    cancel = torch.stack([q, -q])
+    mc = D.concept_geometry(cancel).metrics
+    assert mc["within.effective_rank_entropy_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert mc["global.effective_rank_entropy"] == 0.0 and mc["global.effective_rank_nuclear"] == 0.0
+    assert mc["global.dims_for_95pct_variance"] == 0.0
+
+
+def test_concept_geometry_global_spectrum_matches_numpy():
+    c = randn(7, 5, 9, seed=65)
+    r = D.concept_geometry(c)
+    m = r.metrics
+    mean = c.double().mean(0).numpy()
+    s = np.linalg.svd(mean, compute_uv=False)
+    assert m["global.effective_rank_nuclear"] == pytest.approx(s.sum() / s[0], rel=1e-5)
+    assert m["global.effective_rank_nuclear_ratio"] == pytest.approx(s.sum() / s[0] / 5, rel=1e-5)
+    assert m["global.effective_rank_entropy"] == pytest.approx(np_erank(mean), rel=1e-5)
+    assert m["global.top1_dominance"] == pytest.approx(s[0] / s.sum(), rel=1e-5)
+    e = s**2 / (s**2).sum()
+    assert m["global.top1_variance_ratio"] == pytest.approx(e[0], rel=1e-5)
+    assert m["global.top5_variance_ratio"] == pytest.approx(1.0, rel=1e-6)  # r = 5
+    assert m["global.dims_for_95pct_variance"] == float(np.searchsorted(np.cumsum(e), 0.95) + 1)
+    torch.testing.assert_close(r.distributions["global_singular_values"], torch.tensor(s, dtype=torch.float32))
+    within = np.mean([np_erank(x) for x in c.double().numpy()])
+    assert m["within.effective_rank_entropy"] == pytest.approx(within, rel=1e-5)
+    z = c.reshape(-1, 9).double().numpy()
+    lam = np.linalg.eigvalsh(np.cov(z, rowvar=False))
+    assert m["isotropy"] == pytest.approx(lam.min() / lam.max(), rel=1e-4)
+    assert m["participation_ratio"] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-5)
+    assert m["participation_ratio_normalized"] == pytest.approx(m["participation_ratio"] / 9)
+    std = z.std(axis=0, ddof=1)
+    assert m["dim_std_mean"] == pytest.approx(std.mean(), rel=1e-5)
+    assert m["dim_std_min"] == pytest.approx(std.min(), rel=1e-5)
+    norms = np.linalg.norm(z, axis=1)
+    assert m["norm_std"] == pytest.approx(norms.std(ddof=1), rel=1e-5)
+    assert m["norm_max"] == pytest.approx(norms.max(), rel=1e-5)
+    cos = D.cosine_similarity_matrix(torch.tensor(mean))
+    torch.testing.assert_close(r.matrices["similarity"], cos.float())
+
+
+def test_concept_geometry_counts_a_zeroed_dimension():
+    c = randn(4, 3, 10, seed=66)
+    c[..., 7] = 0.0
+    c[..., 2] = 5.0  # constant, also no spread
+    m = D.concept_geometry(c).metrics
+    assert m["collapsed_dims"] == 2.0
+    assert m["collapsed_dim_ratio"] == pytest.approx(0.2)
+    assert m["active_dim_fraction"] == pytest.approx(0.8)
+    assert m["dim_std_min"] == 0.0
+    assert m["isotropy"] == pytest.approx(0.0, abs=1e-9)  # a zero-variance dimension is a zero eigenvalue
+    healthy = D.concept_geometry(randn(4, 3, 10, seed=66)).metrics
+    assert healthy["collapsed_dims"] == 0.0 and healthy["active_dim_fraction"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "concepts",
+    [torch.zeros(3, 4, 5), torch.ones(3, 4, 5), randn(1, 4, 5, seed=67), randn(3, 1, 5, seed=68), torch.zeros(1, 1, 3)],
+    ids=["all_zero", "all_equal", "one_input", "one_concept", "single_zero"],
+)
+def test_concept_geometry_degenerate_inputs_are_finite(concepts):
+    r = D.concept_geometry(concepts)
+    assert set(r.metrics) == CONCEPT_KEYS
+    assert all(math.isfinite(v) for v in r.metrics.values())
+    assert torch.isfinite(r.matrices["similarity"]).all()
+    assert set(D.grade_concept_health(r.metrics)) == set(D.CONCEPT_HEALTH_THRESHOLDS)
+
+
+def test_concept_geometry_all_zero_values_and_bad_shapes():
+    m = D.concept_geometry(torch.zeros(3, 4, 5)).metrics
+    assert m["global.effective_rank_nuclear"] == 0.0 and m["within.effective_rank_entropy"] == 0.0
+    assert m["collapsed_dims"] == 5.0 and m["active_dim_fraction"] == 0.0
+    assert m["isotropy"] == 0.0 and m["participation_ratio"] == 0.0 and m["norm_max"] == 0.0
+    assert m["uniformity"] == pytest.approx(math.exp(-4), rel=1e-6)  # zero rows have cosine 0
+    with pytest.raises(ValueError):
+        D.concept_geometry(torch.zeros(4, 5))
+    with pytest.raises(ValueError):
+        D.concept_geometry(torch.zeros(0, 4, 5))
+
+
+def test_concept_geometry_half_precision_and_prefixing():
+    c = orthonormal_concepts(3, 4, 8, seed=69)
+    lo = D.concept_geometry(c.to(torch.bfloat16)).metrics
+    assert lo["within.effective_rank_entropy_ratio"] == pytest.approx(1.0, abs=2e-2)
+    report = D.CollapseReport().update(D.concept_geometry(c), prefix="concepts")
+    assert "concepts.within.effective_rank_entropy" in report.metrics
+    assert "concepts.similarity" in report.matrices
+
+
+def test_grade_concept_health_boundaries_both_directions():
+    t = D.CONCEPT_HEALTH_THRESHOLDS
+    assert t["global.effective_rank_nuclear_ratio"] == (0.3, 0.7, True)
+    assert t["within.effective_rank_entropy_ratio"] == (0.3, 0.7, True)
+    assert t["mean_abs_cosine"] == (0.5, 0.3, False)
+    assert t["global.top1_dominance"] == (0.5, 0.3, False)
+    grade = lambda name, v: D.grade_concept_health({name: v})[name]  # noqa: E731
+    # higher is better: POOR < 0.3 <= OK < 0.7 <= GOOD
+    name = "global.effective_rank_nuclear_ratio"
+    assert [grade(name, v) for v in (0.29, 0.3, 0.69, 0.7, 1.0)] == ["POOR", "OK", "OK", "GOOD", "GOOD"]
+    assert [grade("isotropy", v) for v in (0.0009, 0.001, 0.01)] == ["POOR", "OK", "GOOD"]
+    assert [grade("global.dims_for_95pct_variance", v) for v in (9, 10, 49, 50)] == ["POOR", "OK", "OK", "GOOD"]
+    # lower is better: GOOD < 0.3 <= OK < 0.5 <= POOR
+    assert [grade("mean_abs_cosine", v) for v in (0.0, 0.29, 0.3, 0.49, 0.5, 0.9)] == [
+        "GOOD", "GOOD", "OK", "OK", "POOR", "POOR",
+    ]  # fmt: skip
+    assert [grade("max_signed_cosine", v) for v in (0.59, 0.6, 0.8)] == ["GOOD", "OK", "POOR"]
+    assert grade("uniformity", float("nan")) == "POOR"
+    # only threshold metrics that are present are graded
+    assert D.grade_concept_health({"norm_mean": 1.0, "dim_std_min": 0.05}) == {"dim_std_min": "OK"}
+
+
+def test_grade_concept_health_on_concept_geometry():
+    healthy = D.grade_concept_health(D.concept_geometry(orthonormal_concepts(8, 4, 8, seed=70)).metrics)
+    assert healthy["within.effective_rank_entropy_ratio"] == "GOOD"
+    assert healthy["mean_abs_cosine"] == "GOOD" and healthy["max_signed_cosine"] == "GOOD"
+    collapsed = D.grade_concept_health(D.concept_geometry(randn(8, seed=71).expand(8, 4, 8)).metrics)
+    for name in ("within.effective_rank_entropy_ratio", "mean_abs_cosine", "max_signed_cosine", "uniformity"):
+        assert collapsed[name] == "POOR", name
+    assert collapsed["global.top1_dominance"] == "POOR" and collapsed["active_dim_fraction"] == "POOR"

@@ -42,6 +42,7 @@ POINT_LOSSES = {
     "vicreg_covariance": R.vicreg_covariance,
     "uniformity_log": R.uniformity_log,
     "uniformity_gaussian": R.uniformity_gaussian,
+    "variance_uniformity": R.variance_uniformity,
     "nearest_neighbour_spread": R.nearest_neighbour_spread,
     "info_nce": lambda x: R.info_nce(x, x.flip(0) if x.shape[0] > 1 else x),
 }
@@ -342,6 +343,37 @@ def test_uniformity_gaussian_hand_value_and_relation():
     assert R.uniformity_gaussian(torch.randn(1, 3)).item() == 0.0
     assert R.uniformity_gaussian(torch.zeros(4, 3)).item() == pytest.approx(math.exp(-4), rel=1e-6)
     assert_grad_ok(R.uniformity_gaussian, randn(7, 3, seed=20))
+
+
+def test_variance_uniformity_is_the_weighted_sum():
+    z = randn(3, 5, 6, seed=40)
+    for wv, wu, gamma, tau in [(1.0, 1.0, 1.0, 2.0), (0.3, 2.5, 1.5, 1.0), (0.0, 1.0, 1.0, 2.0)]:
+        expected = wv * R.vicreg_variance(z, target_std=gamma, eps=1e-3) + wu * R.uniformity_gaussian(z, t=tau)
+        got = R.variance_uniformity(
+            z, variance_weight=wv, uniformity_weight=wu, target_std=gamma, temperature=tau, eps=1e-3
+        )
+        torch.testing.assert_close(got, expected)
+    # both terms are non-trivial here, so a dropped term or swapped weight would show
+    assert R.vicreg_variance(z, target_std=1.5).item() > 0.1 and R.uniformity_gaussian(z).item() > 0.01
+    # hand value on collapsed concepts: every concept is e1 -> variance (1 - 0.01) per dim, uniformity 1
+    ones = torch.zeros(2, 3, 4)
+    ones[..., 0] = 1.0
+    assert R.variance_uniformity(ones, 0.5, 2.0).item() == pytest.approx(0.5 * 0.99 + 2.0 * 1.0, abs=1e-6)
+
+
+def test_variance_uniformity_prefers_spread_concepts_and_has_finite_gradient():
+    # spread: per input, C = 4 orthonormal concepts (a random rotation per input), scaled so that the
+    # pooled per-dimension std is well above 1; collapsed: the same vector for every concept and input.
+    qs = [torch.linalg.qr(randn(8, 4, seed=41 + b))[0].T for b in range(6)]
+    spread = 4.0 * torch.stack(qs)  # [6, 4, 8]
+    collapsed = randn(8, seed=50).expand(6, 4, 8).clone()
+    lo, hi = R.variance_uniformity(spread).item(), R.variance_uniformity(collapsed).item()
+    assert hi == pytest.approx(0.99 + 1.0, abs=1e-4)
+    assert lo < 0.1 < hi
+    assert_grad_ok(R.variance_uniformity, randn(4, 5, 6, seed=51))
+    x = collapsed.clone().requires_grad_(True)
+    R.variance_uniformity(x).backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_nearest_neighbour_spread_hand_value():

@@ -30,6 +30,8 @@ class DecollapseConfig(PreTrainedConfig):
 
     model_type = "decollapse"
     aux_loss_weight_fields: ClassVar[dict[str, str]] = {}
+    # The objectives this architecture has heads for (the registry maps each to its model class).
+    supported_objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
 
     vocab_size: int = 4096
     hidden_size: int = 64
@@ -48,7 +50,7 @@ class DecollapseConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         # Shared fields first, so an architecture's validate() may derive values from them safely.
         self.check_positive("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
-        self.check_choice("objective", OBJECTIVES)
+        self.check_choice("objective", self.supported_objectives)
         self.check_range("initializer_range", 0.0, 1.0, low_inclusive=False)
         self.check_range("hidden_dropout", 0.0, 1.0, high_inclusive=False)
         self.check_range("layer_norm_eps", 0.0, 1.0, low_inclusive=False)

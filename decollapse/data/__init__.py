@@ -1,6 +1,7 @@
 """Training data for decollapse models: the embedded synthetic benchmark language (with exact
 Bayes-optimal bounds and ground-truth labels) and real text corpora through ``datasets``."""
 
+from .collators import DataCollatorForMaskedDiffusion, DataCollatorForPrefixGeneration, DataCollatorForTSDAE
 from .synthetic import (
     DOMAIN_NAMES,
     WORD_CLASS_NAMES,
@@ -13,6 +14,9 @@ from .text import TextCorpus, load_text_corpus
 
 __all__ = [
     "DOMAIN_NAMES",
+    "DataCollatorForMaskedDiffusion",
+    "DataCollatorForPrefixGeneration",
+    "DataCollatorForTSDAE",
     "WORD_CLASS_NAMES",
     "SyntheticCorpus",
     "SyntheticCorpusConfig",

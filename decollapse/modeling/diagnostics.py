@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .regularizers import pairwise_cosine
+from .regularizers import pairwise_cosine, uniformity_gaussian
 
 __all__ = [
     "cosine_similarity_matrix",
@@ -51,6 +51,9 @@ __all__ = [
     "jensen_shannon_divergence",
     "CollapseReport",
     "unit_report",
+    "concept_geometry",
+    "CONCEPT_HEALTH_THRESHOLDS",
+    "grade_concept_health",
 ]
 
 # Tokens per block when accumulating co-activation counts: bounds memory at
@@ -786,3 +789,255 @@ def unit_report(
         report.metrics["mutual_information"] = mutual_information(a, b)
         report.metrics["normalized_mutual_information"] = normalized_mutual_information(a, b)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# concept encoders: geometry of [B, C, H] concept outputs and its health grading
+# --------------------------------------------------------------------------------------------
+
+# A per-dimension std below this counts the dimension as collapsed (spec mrcogito §4).
+_COLLAPSED_DIM_STD = 1e-4
+
+
+def _spectrum_metrics(sv: torch.Tensor, rank_cap: int) -> dict[str, float]:
+    # Rank and dominance of one singular-value vector; ratios divide by min(C, H).
+    erank_e = _erank_entropy(sv)
+    erank_n = _erank_nuclear(sv)
+    return {
+        "effective_rank_entropy": erank_e,
+        "effective_rank_entropy_ratio": erank_e / rank_cap if rank_cap > 0 else 0.0,
+        "effective_rank_nuclear": erank_n,
+        "effective_rank_nuclear_ratio": erank_n / rank_cap if rank_cap > 0 else 0.0,
+        "top1_dominance": _top1_dominance(sv),
+    }
+
+
+def _variance_shares(sv: torch.Tensor) -> tuple[float, float, int]:
+    # (σ_1²/Σσ², Σ_{i≤5} σ_i²/Σσ², smallest k with Σ_{i≤k} σ_i²/Σσ² ≥ 0.95); zeros for no energy.
+    energy = sv.to(device="cpu", dtype=torch.float64).pow(2).sort(descending=True).values
+    total = float(energy.sum())
+    if total <= 0:
+        return 0.0, 0.0, 0
+    share = energy / total
+    cumulative = share.cumsum(0)
+    # The 1e-12 slack keeps an exact 95% (e.g. shares 0.95 + 0.05) from rounding one dim up.
+    k = int((cumulative < 0.95 - 1e-12).sum()) + 1
+    return float(share[0]), float(share[:5].sum()), min(k, share.numel())
+
+
+@torch.no_grad()
+def concept_geometry(concepts: torch.Tensor, similar_threshold: float = 0.8) -> CollapseReport:
+    """Geometry and collapse metrics of concept-encoder outputs, with unprefixed names.
+
+    ``concepts`` is ``[B, C, H]``: ``B`` inputs, ``C`` concept vectors per input, width ``H``
+    (computed in float32, float64 for float64 input; detached). ``ĉ = c / max(‖c‖, 1e-8)``,
+    ``S_b = ĉ_b ĉ_bᵀ`` is the ``[C, C]`` cosine matrix of input ``b``, ``r = min(C, H)`` and
+    ``Z = concepts.reshape(B·C, H)``. Metrics (Python floats):
+
+    Global view (the spec's reported one), on the batch-mean ``M = mean_b c_b`` ``[C, H]`` with
+    singular values ``σ_1 ≥ … ≥ σ_r``:
+
+    * ``global.effective_rank_nuclear`` ``= Σσ_i / σ_1``; ``global.effective_rank_nuclear_ratio`` ``÷ r``.
+    * ``global.effective_rank_entropy`` ``= exp(−Σ p_i log p_i)``, ``p_i = σ_i / Σσ`` (Roy–Vetterli);
+      ``global.effective_rank_entropy_ratio`` ``÷ r``.
+    * ``global.top1_dominance`` ``= σ_1 / Σσ_i``.
+    * ``global.top1_variance_ratio`` ``= σ_1² / Σσ_i²``;
+      ``global.top5_variance_ratio`` ``= Σ_{i≤5} σ_i² / Σσ_i²``.
+    * ``global.dims_for_95pct_variance`` ``= min{k : Σ_{i≤k} σ_i² / Σσ_i² ≥ 0.95}``.
+
+    Averaging over inputs before the SVD measures how distinct the *average slots* are, not how
+    diverse one input's concepts are: inputs whose concepts are rank 1 but point in different
+    directions give a high global rank, and inputs that cancel out give a low one.
+
+    Within-input view (absent from the original analysis), the same spectrum on each input's own
+    ``c_b`` ``[C, H]``, then the mean over ``b``: ``within.effective_rank_entropy``,
+    ``within.effective_rank_entropy_ratio``, ``within.effective_rank_nuclear``,
+    ``within.effective_rank_nuclear_ratio`` and ``within.top1_dominance``.
+
+    Concepts of the same input, over the ordered pairs ``i ≠ j`` of every input
+    (``N_off = B·C·(C−1)`` entries):
+
+    * ``mean_abs_cosine`` ``= Σ_b Σ_{i≠j} |S_bij| / N_off``;
+    * ``max_signed_cosine`` ``= max_{b, i≠j} S_bij``;
+    * ``offdiag_cosine_std``: population std (divisor ``N_off``) of those ``S_bij``;
+    * ``similar_pair_fraction`` ``= #{(b, i≠j) : S_bij > similar_threshold} / N_off`` (signed).
+
+    ``slot_cross_input_cosine``: for each slot ``i``, the mean of ``cos(c_bi, c_b'i)`` over input
+    pairs ``b ≠ b'``, then the mean over slots. 1.0 = each concept is the same whatever the input
+    (slots are input-independent constants); near 0 = unrelated across inputs. ``B = 1`` has no
+    input pairs and gives 0.0, as do all-zero concepts (zero rows have cosine 0).
+
+    Per dimension of ``Z`` (unbiased std, ``σ_d = sqrt(Σ_n (Z_nd − Z̄_d)² / (B·C − 1))``; a single
+    row ``B·C = 1`` has std 0): ``dim_std_mean``, ``dim_std_min``, ``dim_std_max``,
+    ``collapsed_dims`` ``= #{d : σ_d < 1e-4}``, ``collapsed_dim_ratio`` ``= collapsed_dims / H``,
+    ``active_dim_fraction`` ``= 1 − collapsed_dim_ratio``.
+
+    Spread:
+
+    * ``uniformity`` ``= mean_b Σ_{i≠j} exp(−2 (2 − 2 S_bij)) / (C(C−1))`` (Gaussian potential,
+      ``τ = 2``, within-input pairs; :func:`~.regularizers.uniformity_gaussian`); 0 when ``C = 1``.
+    * ``isotropy`` ``= λ_min / λ_max`` of the ``H × H`` covariance of ``Z`` (``λ_min = 0`` when
+      ``B·C − 1 < H``); 0.0 when ``λ_max = 0``.
+    * ``participation_ratio`` ``= (Σλ)² / Σλ²`` (:func:`participation_ratio` on ``Z``) and
+      ``participation_ratio_normalized`` ``÷ H``.
+
+    Norms ``‖c_bi‖₂``: ``norm_mean``, ``norm_std`` (unbiased; 0 for a single concept),
+    ``norm_min``, ``norm_max``.
+
+    Matrices: ``similarity`` (cosine matrix of ``M``, ``[C, C]``). Distributions:
+    ``global_singular_values`` (``σ`` of ``M``, descending). Both float32 on CPU.
+
+    Degenerate inputs (all-equal or all-zero concepts, ``B = 1``, ``C = 1``) give finite values: the
+    rank/dominance helpers return 0 for a zero matrix, means over no pairs are 0.
+
+    Args:
+        concepts: ``[B, C, H]`` concept outputs (``B, C, H ≥ 1``).
+        similar_threshold: threshold of ``similar_pair_fraction``.
+
+    Grade the result with :func:`grade_concept_health`; prefix the names with
+    :meth:`CollapseReport.update`.
+
+    Reference: spec mrcogito §4 (``compute_concept_geometry_metrics``: global rank, top-1
+    dominance, variance ratios, pairwise similarity, per-dimension std, uniformity, isotropy,
+    participation ratio, norms); Roy & Vetterli, EUSIPCO 2007 (entropy effective rank).
+    """
+    c = concepts.detach()
+    if c.dim() != 3:
+        raise ValueError(f"expected concepts of shape [B, C, H], got {tuple(c.shape)}")
+    b, n, h = c.shape
+    if b == 0 or n == 0 or h == 0:
+        raise ValueError(f"concepts must be non-empty, got shape {tuple(c.shape)}")
+    c = c.to(_work_dtype(c))
+    rank_cap = min(n, h)
+    metrics: dict[str, float] = {}
+
+    # global view: spectrum of the batch-mean concept matrix
+    mean_concepts = c.mean(dim=0)
+    global_sv = _singular_values(mean_concepts)
+    for name, value in _spectrum_metrics(global_sv, rank_cap).items():
+        metrics[f"global.{name}"] = value
+    top1_var, top5_var, dims95 = _variance_shares(global_sv)
+    metrics["global.top1_variance_ratio"] = top1_var
+    metrics["global.top5_variance_ratio"] = top5_var
+    metrics["global.dims_for_95pct_variance"] = float(dims95)
+
+    # within-input view: the same spectrum per input, averaged over inputs
+    per_input_sv = torch.linalg.svdvals(c).to(device="cpu", dtype=torch.float64)
+    sums: dict[str, float] = {}
+    for sv in per_input_sv:
+        for name, value in _spectrum_metrics(sv, rank_cap).items():
+            sums[name] = sums.get(name, 0.0) + value
+    for name, total in sums.items():
+        metrics[f"within.{name}"] = total / b
+
+    # cosines among the concepts of one input
+    sim = pairwise_cosine(c)  # [B, C, C]
+    if n >= 2:
+        off = sim[:, ~torch.eye(n, dtype=torch.bool, device=sim.device)]  # [B, C(C-1)]
+        metrics["mean_abs_cosine"] = float(off.abs().mean())
+        metrics["max_signed_cosine"] = float(off.max())
+        metrics["offdiag_cosine_std"] = float(off.std(correction=0))
+        metrics["similar_pair_fraction"] = float((off > similar_threshold).to(torch.float64).mean())
+    else:
+        for name in ("mean_abs_cosine", "max_signed_cosine", "offdiag_cosine_std", "similar_pair_fraction"):
+            metrics[name] = 0.0
+
+    # the same slot across different inputs
+    if b >= 2:
+        per_slot = pairwise_cosine(c.transpose(0, 1))  # [C, B, B]
+        cross = per_slot[:, ~torch.eye(b, dtype=torch.bool, device=per_slot.device)]
+        metrics["slot_cross_input_cosine"] = float(cross.mean())
+    else:
+        metrics["slot_cross_input_cosine"] = 0.0
+
+    # per-dimension spread of all concept vectors pooled
+    flat = c.reshape(b * n, h)
+    if flat.shape[0] >= 2:
+        dim_std = flat.std(dim=0)
+    else:
+        dim_std = flat.new_zeros(h)
+    collapsed = int((dim_std < _COLLAPSED_DIM_STD).sum())
+    metrics["dim_std_mean"] = float(dim_std.mean())
+    metrics["dim_std_min"] = float(dim_std.min())
+    metrics["dim_std_max"] = float(dim_std.max())
+    metrics["collapsed_dims"] = float(collapsed)
+    metrics["collapsed_dim_ratio"] = collapsed / h
+    metrics["active_dim_fraction"] = 1.0 - collapsed / h
+
+    metrics["uniformity"] = float(uniformity_gaussian(c, t=2.0))
+    centred_sv = torch.linalg.svdvals(flat - flat.mean(dim=0, keepdim=True)).to("cpu", torch.float64)
+    lam_max = float(centred_sv.max()) ** 2
+    # Centring leaves rank <= B·C − 1, so with fewer rows than that Cov(Z) has an exact zero
+    # eigenvalue (set to 0 rather than left to rounding).
+    lam_min = float(centred_sv.min()) ** 2 if flat.shape[0] - 1 >= h else 0.0
+    metrics["isotropy"] = lam_min / lam_max if lam_max > 0 else 0.0
+    pr = participation_ratio(flat)
+    metrics["participation_ratio"] = pr
+    metrics["participation_ratio_normalized"] = pr / h
+
+    norms = c.norm(dim=-1).reshape(-1)
+    metrics["norm_mean"] = float(norms.mean())
+    metrics["norm_std"] = float(norms.std()) if norms.numel() >= 2 else 0.0
+    metrics["norm_min"] = float(norms.min())
+    metrics["norm_max"] = float(norms.max())
+
+    report = CollapseReport(metrics=metrics)
+    report.matrices["similarity"] = pairwise_cosine(mean_concepts).to("cpu", torch.float32)
+    report.distributions["global_singular_values"] = global_sv.to("cpu", torch.float32)
+    return report
+
+
+# Health bands of spec mrcogito §4 (``run_concept_analysis.py``), keyed by the metric names of
+# :func:`concept_geometry`: name -> (bad_edge, good_edge, higher_is_better).
+CONCEPT_HEALTH_THRESHOLDS: dict[str, tuple[float, float, bool]] = {
+    # higher is better: POOR < bad_edge <= OK < good_edge <= GOOD
+    "global.effective_rank_nuclear_ratio": (0.3, 0.7, True),
+    # Not in the spec: the same 0.3 / 0.7 band on the within-input entropy rank, the view this
+    # package accepts a concept encoder on (the global rank can look healthy while every input
+    # collapses to one direction).
+    "within.effective_rank_entropy_ratio": (0.3, 0.7, True),
+    "participation_ratio_normalized": (0.1, 0.3, True),
+    "global.dims_for_95pct_variance": (10.0, 50.0, True),
+    "active_dim_fraction": (0.9, 0.99, True),
+    "isotropy": (0.001, 0.01, True),
+    "dim_std_mean": (0.3, 0.8, True),
+    "dim_std_min": (0.01, 0.1, True),
+    # lower is better: GOOD < good_edge <= OK < bad_edge <= POOR
+    "mean_abs_cosine": (0.5, 0.3, False),
+    "max_signed_cosine": (0.8, 0.6, False),
+    "uniformity": (0.6, 0.3, False),
+    "global.top1_dominance": (0.5, 0.3, False),
+}
+
+
+def grade_concept_health(metrics: dict[str, float]) -> dict[str, str]:
+    """Grade concept metrics as ``"GOOD"``, ``"OK"`` or ``"POOR"`` with :data:`CONCEPT_HEALTH_THRESHOLDS`.
+
+    For each threshold metric present in ``metrics`` (unprefixed names, as returned by
+    :func:`concept_geometry`), with ``(bad, good, higher_is_better)``:
+
+    * higher is better: ``v < bad`` → POOR, ``bad ≤ v < good`` → OK, ``v ≥ good`` → GOOD;
+    * lower is better: ``v < good`` → GOOD, ``good ≤ v < bad`` → OK, ``v ≥ bad`` → POOR.
+
+    A NaN value is graded POOR. Metrics without a threshold are ignored; the result follows the
+    order of :data:`CONCEPT_HEALTH_THRESHOLDS`.
+
+    The spec's raw global rank band (40 / 90) is left out: it assumes ``min(C, H) = 128``; the
+    normalized rank carries the same information for any size. ``global.dims_for_95pct_variance``
+    (10 / 50) is kept as in the spec and likewise assumes concept matrices of about that size.
+
+    Reference: spec mrcogito §4 (grading thresholds of ``run_concept_analysis.py``: POOR < lo ≤ OK <
+    hi ≤ GOOD; for lower-is-better metrics GOOD below the first number and OK below the second).
+    """
+    grades: dict[str, str] = {}
+    for name, (bad, good, higher_is_better) in CONCEPT_HEALTH_THRESHOLDS.items():
+        if name not in metrics:
+            continue
+        v = float(metrics[name])
+        if math.isnan(v):
+            grades[name] = "POOR"
+        elif higher_is_better:
+            grades[name] = "POOR" if v < bad else ("OK" if v < good else "GOOD")
+        else:
+            grades[name] = "GOOD" if v < good else ("OK" if v < bad else "POOR")
+    return grades

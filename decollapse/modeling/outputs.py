@@ -18,6 +18,8 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     MaskedLMOutput,
+    ModelOutput,
+    SequenceClassifierOutput,
 )
 
 
@@ -36,6 +38,31 @@ class DecollapseCausalLMOutput(CausalLMOutputWithPast):
 class DecollapseMaskedLMOutput(MaskedLMOutput):
     task_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class DecollapseSequenceClassifierOutput(SequenceClassifierOutput):
+    task_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class DecollapseDiffusionOutput(ModelOutput):
+    """Output of a masked-diffusion head.
+
+    ``logits`` are over the noised positions only (``[n_masked, V]``), in the order of
+    ``noised_mask.nonzero()``; ``noise_level`` is the t of each sequence. ``extra_metrics`` holds
+    scalars the trainer logs beside the loss without adding them to it (e.g. the plain cross-entropy
+    next to the weighted, smoothed training loss).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    task_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+    noise_level: torch.Tensor | None = None
+    noised_mask: torch.Tensor | None = None
+    extra_metrics: dict[str, torch.Tensor] | None = None
 
 
 def combine_losses(

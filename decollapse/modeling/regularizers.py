@@ -37,6 +37,7 @@ __all__ = [
     "vicreg_covariance",
     "uniformity_log",
     "uniformity_gaussian",
+    "variance_uniformity",
     "nearest_neighbour_spread",
     "info_nce",
 ]
@@ -448,6 +449,46 @@ def uniformity_gaussian(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     off = _off_diagonal_mask(n, s.device)
     pot = torch.exp(-t * (2.0 - 2.0 * s)) * off
     return (pot.sum(dim=(-1, -2)) / (n * (n - 1))).mean()
+
+
+def variance_uniformity(
+    z: torch.Tensor,
+    variance_weight: float = 1.0,
+    uniformity_weight: float = 1.0,
+    target_std: float = 1.0,
+    temperature: float = 2.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """The concept encoder's ``combined`` loss: a per-dimension variance floor plus uniformity.
+
+    ``L = w_v · vicreg_variance(z; γ, ε) + w_u · uniformity_gaussian(z; τ)``, that is
+
+    * ``w_v · mean_d relu(γ − sqrt(Var_d(Z) + ε))`` with ``Z = z.reshape(-1, H)`` (inputs **and**
+      concepts pooled, unbiased variance), which keeps every feature dimension alive, and
+    * ``w_u · mean_b Σ_{i≠j} exp(−τ (2 − 2 S_bij)) / (C(C−1))`` with ``S_b`` the cosine matrix of
+      the ``C`` concepts of input ``b``, which pushes one input's concepts apart on the sphere.
+
+    The two terms are complementary: the variance floor alone is met by concepts that all
+    point the same way but vary in length across inputs; uniformity alone is met by concepts
+    that differ within an input but are the same for every input. Lower is better; collapsed
+    concepts (one vector everywhere) give about ``w_v (γ − sqrt(ε)) + w_u``. Degenerate inputs
+    follow the two terms' conventions (one sample: variance taken as 0; one concept: no pairs,
+    uniformity 0; zero rows have cosine 0), so the value and gradient stay finite.
+
+    Args:
+        z: concept outputs ``[B, C, H]`` (``[N, H]`` is read as one input with ``N`` concepts).
+        variance_weight: ``w_v``.
+        uniformity_weight: ``w_u``.
+        target_std: ``γ``.
+        temperature: ``τ``.
+        eps: ``ε`` inside the square root of the variance term.
+
+    Reference: spec mrcogito §2 (``combined(variance_weight=1, uniformity_weight=1,
+    temperature=2, eps)``); Bardes, Ponce & LeCun, "VICReg", ICLR 2022; Wang & Isola, ICML 2020.
+    """
+    variance = vicreg_variance(z, target_std=target_std, eps=eps)
+    uniformity = uniformity_gaussian(z, t=temperature)
+    return variance_weight * variance + uniformity_weight * uniformity
 
 
 def nearest_neighbour_spread(z: torch.Tensor) -> torch.Tensor:

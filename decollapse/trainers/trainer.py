@@ -9,6 +9,12 @@ Logged while training (averaged over the steps since the last log):
   ``loss`` (the total that was back-propagated) and ``grad_norm``.
 At evaluation: ``eval_loss`` is the **task** loss (so ``exp(eval_loss)`` is a perplexity for language
 models), ``eval_total_loss`` the weighted total and ``eval_aux/<term>`` each term.
+A model output's ``extra_metrics`` (scalars that are logged, never added to the loss, e.g. the plain
+cross-entropy beside a weighted diffusion loss) appear as ``metric/<name>`` and ``eval_<name>``.
+
+``eval_data_collator`` (a callable returning a collator) builds a fresh collator for every evaluation:
+a seeded masking or deletion collator then gives the same evaluation batches every time, so two
+evaluations of one checkpoint report the same loss.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ class DecollapseTrainer(Trainer):
     trains exactly as with the plain Trainer.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
         args: TrainingArguments = self.args
         model = _unwrap(self.model)
         defaults = dict(getattr(model.config, "aux_loss_weights", {}) or {})
@@ -104,15 +111,16 @@ class DecollapseTrainer(Trainer):
         if task_loss is None:
             task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         aux_losses = getattr(outputs, "aux_losses", None) or {}
+        extra = getattr(outputs, "extra_metrics", None) or {}
         step = self.state.global_step
         total, weighted = self.loss_weighting(task_loss, aux_losses, step)
 
         if model.training:
             self._check_finite(task_loss, aux_losses, total, step)
-            self._accumulate(self._train_terms, task_loss, aux_losses, weighted, total)
+            self._accumulate(self._train_terms, task_loss, aux_losses, weighted, total, extra)
             self._train_count += 1
             return (total, outputs) if return_outputs else total
-        self._accumulate(self._eval_terms, task_loss, aux_losses, weighted, total)
+        self._accumulate(self._eval_terms, task_loss, aux_losses, weighted, total, extra)
         self._eval_count += 1
         # Evaluation reports the task loss: exp(eval_loss) is then the model's perplexity, not a
         # number inflated or deflated by regularizers.
@@ -125,10 +133,11 @@ class DecollapseTrainer(Trainer):
                 raise NonFiniteLossError(name, step, float(value.detach().float().mean()))
 
     @staticmethod
-    def _accumulate(store, task_loss, aux_losses, weighted, total):
+    def _accumulate(store, task_loss, aux_losses, weighted, total, extra):
         values = {"task_loss": task_loss, "total_loss": total}
         values.update({f"aux/{k}": v for k, v in aux_losses.items()})
         values.update({f"aux_weighted/{k}": v for k, v in weighted.items()})
+        values.update({f"metric/{k}": v for k, v in extra.items()})
         for key, value in values.items():
             value = value.detach().float()
             store[key] = store[key] + value if key in store else value
@@ -149,13 +158,23 @@ class DecollapseTrainer(Trainer):
                 logs.update(pop())
         super().log(logs, start_time)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator = self.data_collator
+        self.data_collator = self.eval_data_collator()
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def evaluation_loop(self, *args, **kwargs):
         self._eval_terms, self._eval_count = {}, 0
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self._eval_count:
             for key, value in self._eval_terms.items():
-                name = key.replace("aux_weighted/", "aux_weighted_").replace("aux/", "aux_")
+                name = key.replace("aux_weighted/", "aux_weighted_").replace("aux/", "aux_").replace("metric/", "")
                 if key == "task_loss":
                     continue  # that is eval_loss
                 output.metrics[f"{prefix}_{name}"] = value.item() / self._eval_count
