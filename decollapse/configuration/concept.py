@@ -56,6 +56,8 @@ class ConceptEncoderConfig(DecollapseConfig):
             decoder has its own embedding table) and ignore this field.
         decoder_layers: cross-attention-only decoder blocks; ``None`` means 1 for ``masked_lm`` /
             ``tsdae`` (the original's single block) and 2 for the diffusion objectives.
+        mask_token_id: the [MASK] id the diffusion objectives noise with (4 is the embedded corpus's;
+            ``decollapse train`` sets it from the tokenizer).
         t_min: lowest noise level of the diffusion objectives (t ~ U(t_min, 1) per sequence).
         label_smoothing: label smoothing of the diffusion training loss (never of the evaluation loss).
         elbo_weighting: estimator of the diffusion loss. ``"normalized"``: per-token weights

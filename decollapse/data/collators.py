@@ -227,9 +227,7 @@ class DataCollatorForMaskedDiffusion(_CollatorBase):
 
     tokenizer: Any
     pad_to_multiple_of: int | None = None
-    seed: int | None = None
-    _rng: np.random.Generator | None = field(default=None, init=False, repr=False, compare=False)
-    _rng_key: Any = field(default=None, init=False, repr=False, compare=False)
+    seed = None  # nothing random here; _check_common reads it
 
     def __post_init__(self) -> None:
         self._check_common()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..configuration.concept import ConceptEncoderConfig
 from .common import IGNORE_INDEX, DecollapsePreTrainedModel, masked_lm_loss
@@ -133,7 +134,7 @@ class ConceptEncoderLayer(nn.Module):
         eps = config.layer_norm_eps
         self.cross_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         # The token keys/values are normalised too: BiXT tokens grow through residual updates, and
-        # raw embeddings at the original's 0.1 init scale dominated the scores.
+        # normalised keys keep the attention scores on one scale whatever the embedding scale.
         self.token_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.cross_attn = ConceptAttention(config)
         self.self_norm = nn.LayerNorm(config.hidden_size, eps=eps)
@@ -279,10 +280,10 @@ class ConceptEncoderPreTrainedModel(DecollapsePreTrainedModel):
                 hook.remove()
             self.train(was_training)
 
-        report = CollapseReport()
-        report.update(concept_geometry(concepts.float()), prefix="concepts")
-        for name, grade in grade_concept_health(report_metrics(report, "concepts.")).items():
-            report.metrics[f"concepts.{name}.grade"] = _GRADE_VALUE[grade]
+        geometry = concept_geometry(concepts.float())
+        for name, grade in grade_concept_health(geometry.metrics).items():
+            geometry.metrics[f"{name}.grade"] = _GRADE_VALUE[grade]
+        report = CollapseReport().update(geometry, prefix="concepts")
         report.update(unit_report(vectors=base.concept_embeddings.weight), prefix="prototypes")
         for i, (attn, queries, keys, key_mask) in enumerate(captured):
             probs = attn.probabilities(queries, keys, key_mask).mean(dim=1)  # (B, C, L)
@@ -294,11 +295,6 @@ class ConceptEncoderPreTrainedModel(DecollapsePreTrainedModel):
                 group.metrics[f"{label_name}_nmi"] = mi.metrics["normalized_mutual_information"]
             report.update(group, prefix=f"layer{i}.assignment")
         return report
-
-
-def report_metrics(report: CollapseReport, prefix: str) -> dict[str, float]:
-    """The metrics under ``prefix`` with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in report.metrics.items() if k.startswith(prefix)}
 
 
 class ConceptEncoderModel(ConceptEncoderPreTrainedModel):
@@ -439,6 +435,14 @@ class ConceptEncoderModel(ConceptEncoderPreTrainedModel):
         )
 
 
+def decoder_queries(model: "ConceptEncoderModel", input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position decoder queries before the decoder adds positions: the (masked) input token's
+    embedding for ``decoder_query="input_position"``, zeros for ``"position"`` (PosOnly)."""
+    if model.config.decoder_query == "input_position":
+        return model.project(model.token_embeddings(input_ids))
+    return model.concept_embeddings.weight.new_zeros(*input_ids.shape, model.config.hidden_size)
+
+
 def _check_objective(model_name: str, config: ConceptEncoderConfig, objectives: tuple[str, ...]) -> None:
     if config.objective not in objectives:
         raise ValueError(
@@ -478,11 +482,6 @@ class ConceptEncoderForMaskedLM(ConceptEncoderPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def decoder_queries(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.config.decoder_query == "input_position":
-            return self.model.project(self.model.token_embeddings(input_ids))
-        return self.model.concept_embeddings.weight.new_zeros(*input_ids.shape, self.config.hidden_size)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -492,7 +491,7 @@ class ConceptEncoderForMaskedLM(ConceptEncoderPreTrainedModel):
         **kwargs,
     ) -> DecollapseMaskedLMOutput:
         encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, num_iterations=num_iterations)
-        hidden = self.decoder(self.decoder_queries(input_ids), encoded.last_hidden_state)
+        hidden = self.decoder(decoder_queries(self.model, input_ids), encoded.last_hidden_state)
         aux = encoded.aux_losses
         if labels is None:
             return DecollapseMaskedLMOutput(logits=self.lm_head(hidden), aux_losses=aux)
@@ -573,10 +572,11 @@ class ConceptEncoderForMaskedDiffusion(ConceptEncoderPreTrainedModel):
         condition = self.time_mlp(timestep_embedding(t, self.config.hidden_size).to(queries.dtype))
         return self.decoder(queries, concepts, condition)
 
-    def noise_levels(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    def noise_levels(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Training: t ~ U(t_min, 1) per sequence. Evaluation: the fixed grid of midpoints."""
         t_min = self.config.t_min
         if self.training:
-            return t_min + (1.0 - t_min) * torch.rand(batch, device=device, generator=generator)
+            return t_min + (1.0 - t_min) * torch.rand(batch, device=device)
         grid = self.config.eval_noise_levels
         g = torch.arange(batch, device=device) % grid
         return t_min + (1.0 - t_min) * (g.float() + 0.5) / grid
@@ -590,7 +590,7 @@ class ConceptEncoderForMaskedDiffusion(ConceptEncoderPreTrainedModel):
         generator = None
         if not self.training:
             generator = torch.Generator(device=device).manual_seed(self.config.eval_seed)
-        t = noise_level.to(device).float() if noise_level is not None else self.noise_levels(batch, device, generator)
+        t = noise_level.to(device).float() if noise_level is not None else self.noise_levels(batch, device)
         # One draw per (sequence, position up to the model's maximum), then cut to this batch's length:
         # a sequence's noise does not depend on how far the batch is padded.
         draws = torch.rand(batch, self.config.max_position_embeddings, device=device, generator=generator)
@@ -756,27 +756,11 @@ class ConceptWeightedPooling(nn.Module):
         return self.norm((alpha * concepts).sum(dim=1))
 
 
-def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF's problem-type rule: one label -> MSE regression, integer labels -> cross-entropy,
-    otherwise multi-label BCE. ``config.problem_type`` is set on first use, as transformers does."""
-    if config.problem_type is None:
-        if config.num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    if config.problem_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1)) if config.num_labels == 1 else F.mse_loss(logits.float(), labels.float())
-    if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-
-
 def _classifier_output(model, logits, labels, aux) -> DecollapseSequenceClassifierOutput:
     if labels is None:
         return DecollapseSequenceClassifierOutput(logits=logits, aux_losses=aux)
-    task_loss = sequence_classification_loss(model.config, logits, labels)
+    # transformers' own rule: one label -> MSE regression, integer labels -> cross-entropy, else BCE.
+    task_loss = ForSequenceClassificationLoss(labels, logits, model.config)
     return DecollapseSequenceClassifierOutput(
         loss=combine_losses(task_loss, aux, model.config.aux_loss_weights), logits=logits, task_loss=task_loss,
         aux_losses=aux,
@@ -816,11 +800,9 @@ class ConceptEncoderForSequenceClassificationViaDecoder(ConceptEncoderPreTrained
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    decoder_queries = ConceptEncoderForMaskedLM.decoder_queries
-
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> DecollapseSequenceClassifierOutput:
         encoded = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = self.pre_pool_norm(self.decoder(self.decoder_queries(input_ids), encoded.last_hidden_state))
+        hidden = self.pre_pool_norm(self.decoder(decoder_queries(self.model, input_ids), encoded.last_hidden_state))
         weights = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         weights = weights.to(hidden.dtype)[..., None]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
