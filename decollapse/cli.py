@@ -1,4 +1,4 @@
-"""The ``decollapse`` command line: ``train``, ``diagnose`` and ``list``.
+"""The ``decollapse`` command line: ``train``, ``ablate``, ``eval``, ``diagnose`` and ``list``.
 
 Bad input gets one line on stderr and exit code 2; nothing is left half-written.
 """
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="knobs to vary; every combination is trained",
     )
 
+    _add_eval_arguments(sub.add_parser(
+        "eval", help="GLUE / SICK / PAWS / STS-B, fine-tuned or zero-shot; results into the model folder"
+    ))
+
     diagnose = sub.add_parser("diagnose", help="collapse report of a checkpoint folder")
     diagnose.add_argument("checkpoint", type=Path)
     diagnose.add_argument("--plots-dir", type=Path, default=None, help="default: CHECKPOINT/plots")
@@ -71,12 +75,51 @@ def _add_run_arguments(parser: argparse.ArgumentParser, default_dir: str, set_he
     )
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval_suites.finetune import FinetuneSettings
+
+    d = FinetuneSettings()
+    parser.add_argument("model", help="a model folder (decollapse checkpoint or any HF model) or a Hub id")
+    parser.add_argument("--suite", default="stsb", help="tasks, comma-separated, or glue | concept | all (default stsb)")
+    parser.add_argument("--protocol", default="finetune", choices=["finetune", "zeroshot"])
+    parser.add_argument("--pairs", default=d.pairs, choices=["joint", "siamese"],
+                        help="pair tasks as one sequence (joint) or each sentence encoded alone (siamese)")
+    parser.add_argument("--siamese-head", default=d.siamese_head, choices=["concat", "cosine"],
+                        help="siamese head: Linear on [u;v;|u-v|;u*v], or cos(u,v) for regression tasks")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="the original release files (GLUE tsv folders, SICK/SICK.txt, PAWS/*.tsv); default: the Hub")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: the model folder")
+    parser.add_argument("--peft", default=None, choices=["lora"], help="fine-tune LoRA adapters instead of all weights")
+    parser.add_argument("--lora-r", type=int, default=d.lora_r)
+    parser.add_argument("--lora-targets", default=None, help="comma-separated Linear names (default: per architecture)")
+    parser.add_argument("--epochs", type=float, default=d.epochs)
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per fine-tune (smoke runs)")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence")
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-eval-samples", type=int, default=None,
+                        help="score only the first N rows of the reported split (smoke runs; the table says so)")
+    parser.add_argument("--selection-fraction", type=float, default=d.selection_fraction,
+                        help="share of the training split held out for model selection")
+    parser.add_argument("--early-stopping-patience", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tune with seeds seed..seed+N-1; report mean ± std")
+    parser.add_argument("--revision", default=None, help="Hub revision of the model")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of failing")
+    parser.add_argument("--allow-partial-data", action="store_true",
+                        help="evaluate splits whose size differs from the official one (flagged in the results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {
         "train": _cmd_train,
         "ablate": _cmd_ablate,
+        "eval": _cmd_eval,
         "diagnose": _cmd_diagnose,
         "recursive-sweep": _cmd_recursive_sweep,
         "list": _cmd_list,
@@ -162,6 +205,42 @@ def _cmd_ablate(args) -> int:
         return _fail(f"{err}; the ablation stopped and wrote nothing")
     print(f"wrote {output_dir}")
     print(to_markdown(json.loads((output_dir / "ablation.json").read_text())))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .eval_suites import EvalJob, TaskError, run
+    from .eval_suites.finetune import FinetuneSettings
+    from .eval_suites.harness import format_value
+
+    if args.no_progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+    settings = FinetuneSettings(
+        pairs=args.pairs, siamese_head=args.siamese_head, peft=args.peft, lora_r=args.lora_r,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None,
+        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_length=args.max_length, max_train_samples=args.max_train_samples,
+        selection_fraction=args.selection_fraction, early_stopping_patience=args.early_stopping_patience,
+    )
+    job = EvalJob(
+        model=args.model, suite=args.suite, protocol=args.protocol, data_dir=args.data_dir,
+        output_dir=args.output_dir, revision=args.revision, trust_remote_code=args.trust_remote_code,
+        seed=args.seed, seeds=args.seeds, finetune=settings, max_eval_samples=args.max_eval_samples,
+        skip_bad_rows=args.skip_bad_rows, allow_partial_data=args.allow_partial_data,
+        show_progress=not args.no_progress,
+    )
+    try:
+        summary = run(job)
+    except TaskError as err:
+        return _fail(str(err))
+    for row in summary["rows"]:
+        print(f"{row['task']} {row['split']} {row['metric']} {format_value(row)}  ({row['protocol']}, {row['pairing']})")
+    print(f"wrote {summary['output_dir']}")
     return 0
 
 

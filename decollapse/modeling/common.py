@@ -99,6 +99,12 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     # The few collapse numbers a comparison table shows: label -> (metric-name pattern, reduction
     # over the matching metrics: "min", "max" or "mean"). Read by `decollapse ablate`.
     collapse_headline: dict[str, tuple[str, str]] = {}
+    # What a sentence embedding averages: "tokens" (masked mean of last_hidden_state), "concepts"
+    # (last_hidden_state holds concept vectors, not tokens) or None (no pooling path). Read by the
+    # evaluation suites and the sentence-transformers wrapper.
+    sentence_pooling: str | None = "tokens"
+    # The nn.Linear names LoRA adapts when evaluation fine-tunes with `--peft lora`.
+    lora_target_modules: list[str] | None = None
     supports_gradient_checkpointing = False
     _supports_sdpa = True
 

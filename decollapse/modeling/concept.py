@@ -229,6 +229,8 @@ class ConceptEncoderPreTrainedModel(DecollapsePreTrainedModel):
     config_class = ConceptEncoderConfig
     base_model_prefix = "model"
     _no_split_modules = ["ConceptEncoderLayer", "ConceptDecoderLayer"]
+    sentence_pooling = "concepts"
+    lora_target_modules = ["q_proj", "kv_proj", "o_proj"]
     collapse_headline = {
         "concept erank within (÷C)": ("concepts.within.effective_rank_entropy_ratio", "mean"),
         "concept erank global nuclear (÷C)": ("concepts.global.effective_rank_nuclear_ratio", "mean"),

@@ -227,6 +227,8 @@ class DawnPreTrainedModel(DecollapsePreTrainedModel):
     config_class = DawnConfig
     config: DawnConfig
     _no_split_modules = ["DawnLayer"]
+    # The router's attention and the FFN's output; the shared basis is parameters, not Linear layers.
+    lora_target_modules = ["qkv_proj", "down_proj"]
     collapse_headline = {
         "neuron usage (min layer)": ("layer*.neurons.usage", "min"),
         "top-10 share (max layer)": ("layer*.neurons.top10_share", "max"),

@@ -108,6 +108,7 @@ class DensePreTrainedModel(DecollapsePreTrainedModel):
     config_class = DenseConfig
     config: DenseConfig
     _no_split_modules = ["DenseBlock"]
+    lora_target_modules = ["qkv_proj", "o_proj"]
     collapse_headline = {
         "head mean |cos| (max layer)": ("layer*.heads.mean_abs_cosine", "max"),
         "dead MLP neurons (max layer)": ("layer*.neurons.dead_share", "max"),
@@ -209,6 +210,7 @@ class DenseModel(DensePreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        **kwargs,  # e.g. a BERT tokenizer's token_type_ids: no segment embeddings here, as in Llama
     ) -> DecollapseModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
