@@ -4,6 +4,7 @@ selection never sees the reported split, numbers are reproducible, and bad input
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -396,6 +397,11 @@ def test_every_task_runs_end_to_end_on_a_tiny_dense_encoder(tiny_dense, data_dir
     assert {r["split"] for r in mnli} == {"validation_matched", "validation_mismatched"}
     assert mnli[0]["selection"] == mnli[1]["selection"]  # one fine-tune scored on both
     assert by_task["sst2"]["pairing"] == "single" and by_task["stsb"]["pairing"] == "joint"
+    # Provenance: the evaluated weights and the data files, by hash (STS-B dev's from shared/data's MANIFEST).
+    weights = hashlib.sha256((tiny_dense / "model.safetensors").read_bytes()).hexdigest()
+    assert by_task["stsb"]["model"]["weights_sha256"] == {"model.safetensors": weights}
+    assert by_task["stsb"]["data"]["checksums"]["STS-B/dev.tsv"] == (
+        "fe7dc0632a5033562f3cadff991f6e8d9b9b6311861660e78c3c82eb7db67f59")
     table = (out / TABLE_FILE).read_text()
     assert "| mnli | validation_mismatched | accuracy |" in table and "not the official split sizes" in table
 

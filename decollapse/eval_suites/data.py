@@ -208,18 +208,11 @@ def normalise_hub(task: Task, raw: datasets.DatasetDict, splits: list[str]) -> d
         missing = [c for c in (*hub.columns, hub.label) if c not in data.column_names]
         if missing:
             raise TaskError(f"{task.name}: the Hub dataset {hub.path} lacks column(s) {', '.join(missing)}")
-        labels = [check_label(task, _plain(v), f"{hub.path} {split} row {i}") for i, v in enumerate(data[hub.label])]
+        labels = [check_label(task, v, f"{hub.path} {split} row {i}") for i, v in enumerate(data[hub.label])]
         columns = {target: data[name] for name, target in hub.columns.items()}
         columns["label"] = labels
         out[split] = datasets.Dataset.from_dict(columns, features=features)
     return datasets.DatasetDict(out)
-
-
-def _plain(value):
-    """Hub label ids arrive as ints; scores as floats. Strings here would be a schema change."""
-    if isinstance(value, bool):
-        return int(value)
-    return value
 
 
 def load_hub(task: Task, splits: list[str], *, strict_sizes: bool = True) -> TaskData:

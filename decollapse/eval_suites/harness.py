@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import TaskData, load_task
 from .finetune import FinetuneSettings, ensure_padding, finetune_once, head_of, pairing_of
 from .sentence import ModelRef, check_model_ref, load_encoder, load_tokenizer, to_sentence_transformer
-from .tasks import GROUPS, TASKS, Task, TaskError, resolve_suite
+from .tasks import TASKS, Task, TaskError, resolve_suite
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def select_tasks(job: EvalJob) -> list[Task]:
     kept = [t for t in tasks if t.is_similarity]
     if not kept:
         raise TaskError(f"--suite {job.suite} has no similarity task for --protocol zeroshot")
-    skipped = [t.name for t in tasks if not t.is_similarity]
-    if skipped and any(name in GROUPS for name in named):
+    skipped = [t.name for t in tasks if not t.is_similarity]  # named classification tasks raised above
+    if skipped:
         logger.info("zero-shot: skipping non-similarity tasks %s", ", ".join(skipped))
     return kept
 

@@ -12,7 +12,6 @@ A model declares which through its class attribute ``sentence_pooling`` (``"toke
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from .data import sha256_file
 from .tasks import TaskError
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,11 @@ class ModelRef:
         return kwargs
 
     def provenance(self) -> dict:
-        """``path``, ``revision`` (the Hub commit, or a hash of a local folder's weights)."""
+        """``path``, ``revision`` (the Hub commit) and, for a local folder, the sha256 of each weights file."""
         if self.is_local:
             weights = sorted(Path(self.path).glob("*.safetensors")) or sorted(Path(self.path).glob("*.bin"))
-            digest = hashlib.sha256()
-            for file in weights:
-                digest.update(file.read_bytes())
             return {"path": str(Path(self.path).resolve()), "revision": None,
-                    "weights_sha256": digest.hexdigest() if weights else None}
+                    "weights_sha256": {file.name: sha256_file(file) for file in weights}}
         try:
             commit = getattr(AutoConfig.from_pretrained(self.path, **self.load_kwargs()), "_commit_hash", None)
         except Exception:  # noqa: BLE001 - provenance is best effort; loading already succeeded

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from .diagnostics import CollapseReport
+from .outputs import DecollapseMaskedLMOutput, combine_losses
 
 IGNORE_INDEX = -100
 
@@ -129,3 +130,58 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     @property
     def aux_loss_weights(self) -> dict[str, float]:
         return self.config.aux_loss_weights
+
+
+class MaskedLMHeadMixin:
+    """BERT-style masked-LM head on ``self.model`` (a token model returning ``last_hidden_state`` and
+    ``aux_losses``): ``logits = lm_head(LayerNorm(GELU(transform(h))))``, ``lm_head`` tied to the
+    input embeddings.
+
+    A subclass checks its config, builds ``self.model``, calls ``_init_masked_lm_head(config)`` and
+    then ``post_init()``. With labels, only the masked positions are projected (``masked_lm_loss``)
+    and training returns no logits.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def _init_masked_lm_head(self, config) -> None:
+        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.transform_norm(F.gelu(self.transform(hidden_states))))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> DecollapseMaskedLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        task_loss = masked_lm_loss(self._predict, hidden_states, labels) if labels is not None else None
+        logits = None if (self.training and labels is not None) else self._predict(hidden_states)
+        return DecollapseMaskedLMOutput(
+            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            task_loss=task_loss,
+            aux_losses=outputs.aux_losses,
+        )

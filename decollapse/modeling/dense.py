@@ -17,13 +17,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..configuration.dense import DenseConfig
 from .common import (
     DecollapsePreTrainedModel,
+    MaskedLMHeadMixin,
     attention_bias,
     causal_lm_loss,
-    masked_lm_loss,
     position_ids_from_mask,
 )
 from .diagnostics import CollapseReport, effective_rank_entropy, homonym_separation, unit_report
-from .outputs import DecollapseCausalLMOutput, DecollapseMaskedLMOutput, DecollapseModelOutput, combine_losses
+from .outputs import DecollapseCausalLMOutput, DecollapseModelOutput, combine_losses
 from .regularizers import mean_squared_off_diagonal_cosine
 
 
@@ -315,10 +315,8 @@ class DenseForCausalLM(DensePreTrainedModel, GenerationMixin):
         )
 
 
-class DenseForMaskedLM(DensePreTrainedModel):
+class DenseForMaskedLM(MaskedLMHeadMixin, DensePreTrainedModel):
     """Bidirectional encoder with a BERT-style prediction head (transform -> tied decoder)."""
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DenseConfig):
         if config.objective != "masked_lm":
@@ -328,44 +326,5 @@ class DenseForMaskedLM(DensePreTrainedModel):
             )
         super().__init__(config)
         self.model = DenseModel(config)
-        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
-        self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_masked_lm_head(config)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def _predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.transform_norm(F.gelu(self.transform(hidden_states))))
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> DecollapseMaskedLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        task_loss = masked_lm_loss(self._predict, hidden_states, labels) if labels is not None else None
-        logits = None if (self.training and labels is not None) else self._predict(hidden_states)
-        return DecollapseMaskedLMOutput(
-            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            task_loss=task_loss,
-            aux_losses=outputs.aux_losses,
-        )
