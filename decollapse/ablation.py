@@ -1,7 +1,9 @@
 """``decollapse ablate``: one command, a grid of ``decollapse train`` runs, one table.
 
-Every combination of the ``--grid`` values (a full factorial) is planned and validated before the
-first run starts; each run is an ordinary ``decollapse train`` run (same recipe, same held-out
+The runs are every combination of the ``--grid`` values (a full factorial), crossed with each
+``--case`` when cases are given (a case is a named set of settings, for variants whose knobs only make
+sense together, such as MoH's ``routing=adaptive routing_grad=soft`` beside ``routing=all``). Every run
+is planned and validated before the first one starts; each run is an ordinary ``decollapse train`` run (same recipe, same held-out
 evaluation, same collapse report). The table reports, per run, held-out perplexity and the
 architecture's headline collapse metrics (``collapse_headline`` on its model class), each reduced
 over layers as the headline states. Everything is written to a temporary sibling folder and renamed
@@ -29,6 +31,7 @@ class AblationJob:
     arch: str
     grid: dict[str, list[str]]
     output_dir: Path
+    cases: list[dict[str, str]] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
     max_steps: int | None = None
     dataset: str = "synthetic"
@@ -45,14 +48,44 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         if key.strip() in grid:
             raise UsageError(f"--grid {key.strip()}: given twice")
         grid[key.strip()] = choices
-    if not grid:
-        raise UsageError("--grid: name at least one key=value1,value2,...")
     return grid
 
 
-def combinations(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+def parse_cases(items: list[str]) -> list[dict[str, str]]:
+    """Each ``--case`` is one string of whitespace-separated ``key=value`` assignments."""
+    cases = []
+    for item in items:
+        case: dict[str, str] = {}
+        for part in item.split():
+            key, sep, value = part.partition("=")
+            if not sep or not key or not value:
+                raise UsageError(f"--case {item!r}: expected key=value assignments separated by spaces")
+            if key in case:
+                raise UsageError(f"--case {item!r}: {key} given twice")
+            case[key] = value
+        if not case:
+            raise UsageError("--case '': name at least one key=value")
+        cases.append(case)
+    return cases
+
+
+def combinations(grid: dict[str, list[str]], cases: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
     keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    cells = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    if not cases:
+        return cells
+    out = []
+    for case in cases:
+        clash = sorted(set(case) & set(grid))
+        if clash:
+            raise UsageError(f"{', '.join(clash)}: given both in --case and --grid")
+        out += [{**case, **cell} for cell in cells]
+    return out
+
+
+def table_keys(job: "AblationJob") -> list[str]:
+    keys = [k for case in job.cases for k in case]
+    return list(dict.fromkeys(keys + list(job.grid)))
 
 
 def run_name(combo: dict[str, str]) -> str:
@@ -76,11 +109,17 @@ def plan_ablation(job: AblationJob) -> list[tuple[dict[str, str], TrainJob, dict
             raise UsageError(f"--output-dir {job.output_dir}: exists and is not a directory")
         if any(job.output_dir.iterdir()) and not job.overwrite:
             raise UsageError(f"--output-dir {job.output_dir}: not empty; pass --overwrite to replace it")
-    overlap = sorted(set(job.grid) & set(job.settings))
+    if not job.grid and not job.cases:
+        raise UsageError("name at least one --grid key=value1,value2,... or --case 'key=value ...'")
+    overlap = sorted(set(table_keys(job)) & set(job.settings))
     if overlap:
-        raise UsageError(f"{', '.join(overlap)}: given both in --grid and --set")
+        raise UsageError(f"{', '.join(overlap)}: given both in --grid/--case and --set")
     runs = []
-    for combo in combinations(job.grid):
+    names = set()
+    for combo in combinations(job.grid, job.cases):
+        if run_name(combo) in names:
+            raise UsageError(f"run {run_name(combo)!r} is listed twice")
+        names.add(run_name(combo))
         train_job = TrainJob(
             arch=job.arch,
             dataset=job.dataset,
@@ -119,6 +158,8 @@ def run_ablation(job: AblationJob, on_run_done=None) -> list[dict[str, Any]]:
         payload = {
             "architecture": job.arch,
             "grid": job.grid,
+            "cases": job.cases,
+            "columns": table_keys(job),
             "settings": job.settings,
             "max_steps": parts["recipe"].max_steps,
             "headline": {label: list(rule) for label, rule in spec.items()},
@@ -140,7 +181,11 @@ def rerun_command(job: AblationJob) -> str:
         parts += ["--dataset", job.dataset]
     if job.max_steps is not None:
         parts += ["--max-steps", str(job.max_steps)]
-    parts += ["--grid"] + [f"{k}={','.join(v)}" for k, v in job.grid.items()]
+    for case in job.cases:
+        assignments = " ".join(f"{k}={v}" for k, v in case.items())
+        parts += ["--case", f"'{assignments}'" if len(case) > 1 else assignments]
+    if job.grid:
+        parts += ["--grid"] + [f"{k}={','.join(v)}" for k, v in job.grid.items()]
     if job.settings:
         parts += ["--set"] + [f"{k}={v}" for k, v in job.settings.items()]
     return " ".join(parts)
@@ -153,7 +198,7 @@ def _cell(value) -> str:
 
 
 def to_markdown(payload: dict[str, Any]) -> str:
-    keys = list(payload["grid"])
+    keys = payload.get("columns") or list(payload["grid"])
     labels = list(payload["headline"])
     lines = [
         f"Ablation of `{payload['architecture']}`, {payload['max_steps']} steps per run: `{payload['command']}`",
@@ -162,7 +207,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "|" + "---|" * (len(keys) + 2 + len(labels)),
     ]
     for row in payload["rows"]:
-        cells = [row["settings"][k] for k in keys]
+        cells = [row["settings"].get(k, "–") for k in keys]
         cells += [_cell(row["metrics"]["validation_perplexity"]), _cell(row["metrics"]["validation_perplexity_ratio"])]
         cells += [_cell(row["headline"][label]) for label in labels]
         lines.append("| " + " | ".join(cells) + " |")

@@ -32,11 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an architecture (on the embedded corpus by default)")
     _add_run_arguments(train, "runs/<arch>-<timestamp>", "override model, training (train.*) or corpus (corpus.*) knobs")
 
-    ablate = sub.add_parser("ablate", help="a grid of train runs (full factorial) and one comparison table")
+    ablate = sub.add_parser(
+        "ablate", help="a grid of train runs (full factorial, optionally crossed with named cases) and one table"
+    )
     _add_run_arguments(ablate, "runs/<arch>-ablation-<timestamp>", "knobs shared by every run")
     ablate.add_argument(
-        "--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2", required=True,
+        "--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
         help="knobs to vary; every combination is trained",
+    )
+    ablate.add_argument(
+        "--case", action="append", default=[], metavar="'KEY=V KEY2=V2'",
+        help="one run's settings that belong together (repeatable); crossed with --grid when both are given",
     )
 
     _add_eval_arguments(sub.add_parser(
@@ -176,19 +182,20 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from .ablation import AblationJob, parse_grid, run_ablation, to_markdown
+    from .ablation import AblationJob, parse_cases, parse_grid, run_ablation, to_markdown
     from .runner import UsageError, default_output_dir
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
 
     try:
         settings = parse_assignments(args.settings)
-        grid = parse_grid(args.grid)
+        grid = parse_grid(args.grid) if args.grid else {}
+        cases = parse_cases(args.case)
     except (SettingError, UsageError) as err:
         return _fail(str(err))
     output_dir = args.output_dir or default_output_dir(f"{args.arch}-ablation")
     job = AblationJob(
-        arch=args.arch, grid=grid, output_dir=output_dir, settings=settings, max_steps=args.max_steps,
+        arch=args.arch, grid=grid, cases=cases, output_dir=output_dir, settings=settings, max_steps=args.max_steps,
         dataset=args.dataset, overwrite=args.overwrite,
     )
 

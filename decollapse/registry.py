@@ -67,6 +67,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("dense", "DenseConfig", {"AutoModel": "DenseModel", "AutoModelForCausalLM": "DenseForCausalLM", "AutoModelForMaskedLM": "DenseForMaskedLM"}, "plain pre-LN transformer: the control arm"),  # noqa: E501
         Architecture("concept", "ConceptEncoderConfig", {"AutoModel": "ConceptEncoderModel", "AutoModelForMaskedLM": "ConceptEncoderForMaskedLM", "AutoModelForSequenceClassification": "ConceptEncoderForSequenceClassification"}, "C concept vectors read the sequence by cross-attention: a Perceiver bottleneck (MrCogito)", {"tsdae": "ConceptEncoderForTSDAE", "masked_diffusion": "ConceptEncoderForMaskedDiffusion", "prefix_diffusion": "ConceptEncoderForPrefixDiffusion"}),  # noqa: E501
         Architecture("dawn", "DawnConfig", {"AutoModel": "DawnModel", "AutoModelForCausalLM": "DawnForCausalLM", "AutoModelForMaskedLM": "DawnForMaskedLM"}, "neurons as basis-FFN combinations picked per token by a neuron router (DAWN v5.0)"),  # noqa: E501
+        Architecture("moh", "MoHConfig", {"AutoModel": "MoHModel", "AutoModelForCausalLM": "MoHForCausalLM"}, "attention heads weighted and skipped per token by a router: standard and fully adaptive Mixture-of-Heads (RustGPT)"),  # noqa: E501
     ]
 }
 

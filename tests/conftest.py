@@ -22,6 +22,7 @@ TINY_OVERRIDES: dict[str, dict] = {
     "dense": {"num_attention_heads": 4},
     "concept": {"num_concepts": 8, "num_attention_heads": 4, "intermediate_size": 32},
     "dawn": {"num_neurons": 32, "neuron_top_k": 4, "num_basis": 8, "basis_rank": 4, "modulation_rank": 8},
+    "moh": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
 }
 
 

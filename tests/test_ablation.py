@@ -47,3 +47,38 @@ def test_ablate_refuses_a_malformed_grid(tmp_path, capsys):
     code = main(["ablate", "dawn", "--output-dir", str(tmp_path / "a"), "--grid", "neuron_init"])
     assert code == 2
     assert "expected key=value1,value2" in capsys.readouterr().err
+
+
+MOH_TINY = ["hidden_size=32", "num_attention_heads=4", "num_key_value_heads=2", "head_dim=8"]
+
+
+def test_ablate_cases_run_variants_whose_knobs_belong_together(tmp_path, capsys):
+    out = tmp_path / "abl"
+    code = main([
+        "ablate", "moh", "--max-steps", "4", "--output-dir", str(out),
+        "--case", "routing=all", "--case", "routing=adaptive routing_grad=none",
+        "--set", *TINY_CORPUS, *MOH_TINY,
+    ])
+    assert code == 0
+    payload = json.loads((out / "ablation.json").read_text())
+    assert [r["settings"] for r in payload["rows"]] == [
+        {"routing": "all"}, {"routing": "adaptive", "routing_grad": "none"}
+    ]
+    by_routing = {r["settings"]["routing"]: r["headline"] for r in payload["rows"]}
+    assert by_routing["all"]["active heads / token (mean)"] == 4
+    assert by_routing["adaptive"]["predictor LM grad (min layer)"] == 0.0, "none never reaches a predictor"
+    table = (out / "ablation.md").read_text()
+    assert "| routing | routing_grad | val ppl |" in table
+    assert "| all | – |" in table
+    assert "--case routing=all --case 'routing=adaptive routing_grad=none'" in table
+    assert _leftovers(tmp_path) == []
+
+
+def test_ablate_refuses_a_case_that_clashes_with_the_grid(tmp_path, capsys):
+    code = main(["ablate", "moh", "--output-dir", str(tmp_path / "a"), "--case", "routing=all",
+                 "--grid", "routing=topk,topp", "--set", *TINY_CORPUS])
+    assert code == 2
+    assert "routing: given both in --case and --grid" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    code = main(["ablate", "moh", "--output-dir", str(tmp_path / "a"), "--case", "routing"])
+    assert code == 2 and "expected key=value" in capsys.readouterr().err
