@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from .diagnostics import CollapseReport
-from .outputs import DecollapseMaskedLMOutput, combine_losses
+from .outputs import DecollapseCausalLMOutput, DecollapseMaskedLMOutput, combine_losses
 
 IGNORE_INDEX = -100
 
@@ -130,6 +130,60 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     @property
     def aux_loss_weights(self) -> dict[str, float]:
         return self.config.aux_loss_weights
+
+
+class CausalLMHeadMixin:
+    """Tied next-token head on ``self.model`` (a token model that takes a KV cache and returns
+    ``last_hidden_state``, ``past_key_values`` and ``aux_losses``), as Llama's ``ForCausalLM``.
+
+    A subclass (listing ``GenerationMixin`` among its bases) builds ``self.model`` and
+    ``self.lm_head = nn.Linear(hidden, vocab, bias=False)``, then calls ``post_init()``.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> DecollapseCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+        task_loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return DecollapseCausalLMOutput(
+            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            task_loss=task_loss,
+            aux_losses=outputs.aux_losses,
+        )
 
 
 class MaskedLMHeadMixin:

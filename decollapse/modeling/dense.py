@@ -16,14 +16,14 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..configuration.dense import DenseConfig
 from .common import (
+    CausalLMHeadMixin,
     DecollapsePreTrainedModel,
     MaskedLMHeadMixin,
     attention_bias,
-    causal_lm_loss,
     position_ids_from_mask,
 )
 from .diagnostics import CollapseReport, effective_rank_entropy, homonym_separation, unit_report
-from .outputs import DecollapseCausalLMOutput, DecollapseModelOutput, combine_losses
+from .outputs import DecollapseModelOutput
 from .regularizers import mean_squared_off_diagonal_cosine
 
 
@@ -258,9 +258,7 @@ class DenseModel(DensePreTrainedModel):
         )
 
 
-class DenseForCausalLM(DensePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
+class DenseForCausalLM(CausalLMHeadMixin, DensePreTrainedModel, GenerationMixin):
     def __init__(self, config: DenseConfig):
         if config.objective != "causal_lm":
             raise ValueError(
@@ -271,48 +269,6 @@ class DenseForCausalLM(DensePreTrainedModel, GenerationMixin):
         self.model = DenseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-    ) -> DecollapseCausalLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        logits = self.lm_head(hidden_states)  # (B, T, V)
-        task_loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return DecollapseCausalLMOutput(
-            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            task_loss=task_loss,
-            aux_losses=outputs.aux_losses,
-        )
 
 
 class DenseForMaskedLM(MaskedLMHeadMixin, DensePreTrainedModel):

@@ -28,9 +28,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..configuration.moh import MoHConfig
-from .common import DecollapsePreTrainedModel, attention_bias, causal_lm_loss, position_ids_from_mask
+from .common import CausalLMHeadMixin, DecollapsePreTrainedModel, attention_bias, causal_lm_loss, position_ids_from_mask
 from .diagnostics import CollapseReport, effective_rank_entropy, gini, normalized_entropy, unit_report
-from .outputs import DecollapseCausalLMOutput, DecollapseModelOutput, combine_losses
+from .outputs import DecollapseModelOutput
 from .regularizers import load_balancing_loss, router_z_loss, routing_entropy
 
 
@@ -108,11 +108,10 @@ class MoHRouter(nn.Module):
             init.constant_(self.temperature.bias, logit((c.gate_temperature - c.temperature_min) / span))
 
     def forward(self, hidden_states: torch.Tensor) -> HeadRouting:
-        logits_dtype = torch.float32  # routing decisions in float32 whatever the autocast dtype
-        x = hidden_states
+        # Routing decisions in float32 whatever the autocast dtype.
         if self.mode in ("topk", "topp"):
-            return self._standard(x, logits_dtype)
-        return self._adaptive(x, logits_dtype)
+            return self._standard(hidden_states, torch.float32)
+        return self._adaptive(hidden_states, torch.float32)
 
     def _standard(self, x: torch.Tensor, dtype: torch.dtype) -> HeadRouting:
         c = self.config
@@ -331,9 +330,8 @@ class MoHAttention(nn.Module):
                 index = order[:, start : min(start + SLOT_CHUNK, n), h]  # (B, c); tail slots: inactive tokens
                 keys = k_len
                 bias = None
-                if bias_rows is not None:
-                    if is_causal or attn_mask is not None:
-                        keys = min(int(index.max()) + 1 + past_len, k_len)
+                if bias_rows is not None:  # causal or padded: no query sees past its own position
+                    keys = min(int(index.max()) + 1 + past_len, k_len)
                     if bias_rows.shape[0] == 1:
                         bias = bias_rows[0, :, :keys][index]  # (B, c, keys): whole rows copied
                     else:
@@ -533,7 +531,8 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
         base: MoHModel = self.base_model
         params = list(self.parameters())
         saved_grads = [p.grad for p in params]
-        saved_steps = [b.clone() for name, b in self.named_buffers() if name.endswith("steps")]
+        step_buffers = [b for name, b in self.named_buffers() if name.endswith("steps")]
+        saved_steps = [b.clone() for b in step_buffers]
         was_training = self.training
         labels = input_ids.masked_fill(mask == 0, -100) if mask is not None else input_ids
         report = CollapseReport()
@@ -566,7 +565,7 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
         finally:
             for p, g in zip(params, saved_grads):
                 p.grad = g
-            for (name, b), saved in zip([(n, b) for n, b in self.named_buffers() if n.endswith("steps")], saved_steps):
+            for b, saved in zip(step_buffers, saved_steps):
                 b.copy_(saved)
             self.train(was_training)
         return report
@@ -642,54 +641,9 @@ class MoHModel(MoHPreTrainedModel):
         )
 
 
-class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
+class MoHForCausalLM(CausalLMHeadMixin, MoHPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoHConfig):
         super().__init__(config)
         self.model = MoHModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs,
-    ) -> DecollapseCausalLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        logits = self.lm_head(hidden_states)  # (B, T, V)
-        task_loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return DecollapseCausalLMOutput(
-            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            task_loss=task_loss,
-            aux_losses=outputs.aux_losses,
-        )
