@@ -34,10 +34,10 @@ from transformers import initialization as init
 
 from ..configuration.dawn import DawnConfig
 from .common import (
+    CausalLMHeadMixin,
     DecollapsePreTrainedModel,
     MaskedLMHeadMixin,
     attention_bias,
-    causal_lm_loss,
     position_ids_from_mask,
 )
 from .diagnostics import (
@@ -53,7 +53,7 @@ from .diagnostics import (
     usage_counts,
     usage_share,
 )
-from .outputs import DecollapseCausalLMOutput, DecollapseModelOutput, combine_losses
+from .outputs import DecollapseModelOutput
 from .regularizers import (
     load_balancing_loss,
     mean_squared_off_diagonal_cosine,
@@ -446,9 +446,7 @@ class DawnModel(DawnPreTrainedModel):
         )
 
 
-class DawnForCausalLM(DawnPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
+class DawnForCausalLM(CausalLMHeadMixin, DawnPreTrainedModel, GenerationMixin):
     def __init__(self, config: DawnConfig):
         if config.objective != "causal_lm":
             raise ValueError(
@@ -460,48 +458,9 @@ class DawnForCausalLM(DawnPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # No cache: every step re-encodes the whole prefix.
         return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs,
-    ) -> DecollapseCausalLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        logits = self.lm_head(hidden_states)
-        task_loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return DecollapseCausalLMOutput(
-            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            task_loss=task_loss,
-            aux_losses=outputs.aux_losses,
-        )
 
 
 class DawnForMaskedLM(MaskedLMHeadMixin, DawnPreTrainedModel):
