@@ -325,7 +325,7 @@ class MoHAttention(nn.Module):
         for h, n in enumerate(slots):
             kv = slice(h // group, h // group + 1)
             # Packed queries are in time order, so a chunk of slots needs keys only up to its latest
-            # position: chunking keeps the causal saving that `all` gets from skipping the upper triangle.
+            # position: the keys no query of the chunk may see are never scored.
             for start in range(0, n, SLOT_CHUNK):
                 index = order[:, start : min(start + SLOT_CHUNK, n), h]  # (B, c); tail slots: inactive tokens
                 keys = k_len
