@@ -21,11 +21,112 @@ class CollapseAlarm:
     message: str
 
 
+@dataclass(frozen=True)
+class HealthCriterion:
+    """One rule on a collapse report: the metrics named ``*<suffix>`` must stay on the healthy side
+    of ``threshold``. ``worst`` picks the metric the rule is judged on (``"min"`` for a floor,
+    ``"max"`` for a ceiling); a value exactly at the threshold is healthy."""
+
+    name: str
+    suffix: str
+    threshold: float
+    worst: str  # "min" (a floor: below it trips) or "max" (a ceiling: above it trips)
+    meaning: str
+
+    @property
+    def op(self) -> str:
+        """The comparison that trips the rule, as it is printed in an alarm."""
+        return "<" if self.worst == "min" else ">"
+
+    def trips(self, value: float, threshold: float | None = None) -> bool:
+        threshold = self.threshold if threshold is None else threshold
+        return value < threshold if self.worst == "min" else value > threshold
+
+
+# The report criteria that define a healthy unit group, shared by the training-time monitor and the
+# model card. The rank floor is low on purpose: MLP activation patterns of an untrained control
+# model sit near 0.07 of the possible rank early in training, and an alarm that fires on the
+# control is noise. Metric definitions: ``modeling/diagnostics.py::unit_report``.
+HEALTH_CRITERIA: dict[str, HealthCriterion] = {
+    c.name: c
+    for c in (
+        HealthCriterion(
+            "effective_rank_floor", "effective_rank_entropy_ratio", 0.05, "min",
+            "entropy effective rank exp(H(σ/Σσ)) of the group's n unit vectors of width d"
+            " ÷ the largest possible rank min(n, d)",
+        ),
+        HealthCriterion(
+            "similar_pair_ceiling", "similar_pair_fraction", 0.9, "max",
+            "share of unit pairs whose signed cosine similarity is above 0.8",
+        ),
+        HealthCriterion(
+            "dead_unit_ceiling", "dead_share", 0.5, "max",
+            "share of units never used on the probe batch",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class CriterionCheck:
+    """A criterion judged on one report: the worst matching metric (``None`` when the report has
+    no ``*<suffix>`` metric), its value, the threshold used and whether it tripped."""
+
+    criterion: HealthCriterion
+    metric: str | None
+    value: float | None
+    threshold: float
+    tripped: bool
+
+
+def check_health(
+    metrics: dict[str, float], thresholds: dict[str, float | None] | None = None
+) -> list[CriterionCheck]:
+    """Judges every criterion of :data:`HEALTH_CRITERIA` that is on.
+
+    ``thresholds`` overrides a criterion's threshold by name; ``None`` turns the criterion off (it
+    is left out of the result). Each criterion is judged on its worst metric: the lowest value for a
+    floor, the highest for a ceiling.
+    """
+    thresholds = thresholds or {}
+    checks = []
+    for criterion in HEALTH_CRITERIA.values():
+        threshold = thresholds.get(criterion.name, criterion.threshold)
+        if threshold is None:
+            continue
+        values = {k: v for k, v in metrics.items() if k.endswith(criterion.suffix)}
+        if not values:
+            checks.append(CriterionCheck(criterion, None, None, threshold, False))
+            continue
+        pick = min if criterion.worst == "min" else max
+        name = pick(values, key=values.get)
+        value = values[name]
+        checks.append(CriterionCheck(criterion, name, value, threshold, criterion.trips(value, threshold)))
+    return checks
+
+
+def collapse_alarms(
+    metrics: dict[str, float], step: int, thresholds: dict[str, float | None] | None = None
+) -> list[CollapseAlarm]:
+    """The alarms one collapse report raises under :data:`HEALTH_CRITERIA` (see :func:`check_health`
+    for ``thresholds``). Pure: usable on any report, e.g. a ``diagnostics.json`` read back."""
+    return [
+        CollapseAlarm(
+            step,
+            check.criterion.name,
+            f"{check.metric}={check.value:.4g} {check.criterion.op} {check.threshold} at step {step}",
+        )
+        for check in check_health(metrics, thresholds)
+        if check.tripped
+    ]
+
+
 class CollapseMonitorCallback(TrainerCallback):
     """Every ``every_n_steps`` steps, computes ``model.collapse_report(probe_batch)`` on a fixed probe
     batch and logs its scalar metrics as ``collapse/<name>`` through the Trainer's logging.
 
-    An alarm warns (and with ``stop_on_alarm`` stops training) when a criterion trips:
+    An alarm warns (and with ``stop_on_alarm`` stops training) when a criterion trips. The first
+    three are :data:`HEALTH_CRITERIA`, judged by :func:`collapse_alarms`:
 
     - ``effective_rank_floor``: any ``*effective_rank_entropy_ratio`` metric below the floor;
     - ``similar_pair_ceiling``: any ``*similar_pair_fraction`` above the ceiling;
@@ -38,18 +139,17 @@ class CollapseMonitorCallback(TrainerCallback):
       ``stall_min_aux_share`` of the task loss are too small to be what the optimizer spends itself
       on, and do not raise it (a floor-subtracted term falling from 0.01 to 0.005 is not a stall).
 
-    A criterion set to ``None`` is off. Alarms are kept in ``self.alarms``. The default rank floor
-    (0.05 of the possible rank) is low on purpose: MLP activation patterns of an untrained control
-    model sit near 0.07 early in training, and an alarm that fires on the control is noise.
+    A criterion set to ``None`` is off. Alarms are kept in ``self.alarms``. The defaults are the
+    thresholds of :data:`HEALTH_CRITERIA` (why the rank floor is as low as 0.05 is noted there).
     """
 
     def __init__(
         self,
         probe_batch: dict[str, torch.Tensor],
         every_n_steps: int = 200,
-        effective_rank_floor: float | None = 0.05,
-        similar_pair_ceiling: float | None = 0.9,
-        dead_unit_ceiling: float | None = 0.5,
+        effective_rank_floor: float | None = HEALTH_CRITERIA["effective_rank_floor"].threshold,
+        similar_pair_ceiling: float | None = HEALTH_CRITERIA["similar_pair_ceiling"].threshold,
+        dead_unit_ceiling: float | None = HEALTH_CRITERIA["dead_unit_ceiling"].threshold,
         stall_window: int | None = 10,
         stall_aux_drop: float = 0.2,
         stall_task_tolerance: float = 0.01,
@@ -109,26 +209,15 @@ class CollapseMonitorCallback(TrainerCallback):
 
     # -- criteria (pure: usable on any report or loss history) ------------------------------------
     def check_report(self, metrics: dict[str, float], step: int) -> list[CollapseAlarm]:
-        alarms = []
-        rules = [
-            ("effective_rank_floor", "effective_rank_entropy_ratio", self.effective_rank_floor, min, "<"),
-            ("similar_pair_ceiling", "similar_pair_fraction", self.similar_pair_ceiling, max, ">"),
-            ("dead_unit_ceiling", "dead_share", self.dead_unit_ceiling, max, ">"),
-        ]
-        for criterion, suffix, threshold, pick, op in rules:
-            if threshold is None:
-                continue
-            values = {k: v for k, v in metrics.items() if k.endswith(suffix)}
-            if not values:
-                continue
-            name = pick(values, key=values.get)
-            value = values[name]
-            tripped = value < threshold if op == "<" else value > threshold
-            if tripped:
-                alarms.append(
-                    CollapseAlarm(step, criterion, f"{name}={value:.4g} {op} {threshold} at step {step}")
-                )
-        return alarms
+        return collapse_alarms(
+            metrics,
+            step,
+            {
+                "effective_rank_floor": self.effective_rank_floor,
+                "similar_pair_ceiling": self.similar_pair_ceiling,
+                "dead_unit_ceiling": self.dead_unit_ceiling,
+            },
+        )
 
     def check_stall(self, step: int) -> CollapseAlarm | None:
         if self.stall_window is None or self._stall_raised or len(self._loss_log) < self.stall_window:
