@@ -1,4 +1,4 @@
-"""The ``decollapse`` command line: ``train``, ``ablate``, ``eval``, ``diagnose`` and ``list``.
+"""The ``decollapse`` command line: ``train``, ``ablate``, ``eval``, ``diagnose``, ``export``, ``card``, ``push``, ``list``.
 
 Bad input gets one line on stderr and exit code 2; nothing is left half-written.
 """
@@ -60,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("checkpoint", type=Path)
     sweep.add_argument("--k", default="2,4,6,8,12", help="iteration counts, comma-separated (default 2,4,6,8,12)")
     sweep.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+    export = sub.add_parser(
+        "export", help="a checkpoint folder -> a Hub-ready folder that loads with trust_remote_code, without decollapse"
+    )
+    export.add_argument("checkpoint", type=Path, help="a folder written by `decollapse train` (or save_pretrained + a tokenizer)")
+    export.add_argument("out", type=Path, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--repo-id", default=None, help="USER/NAME the card's snippets and model-index name")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+    card = sub.add_parser("card", help="(re)build a folder's README.md model card from the records in it")
+    card.add_argument("folder", type=Path)
+    card.add_argument("--repo-id", default=None, help="USER/NAME the card's snippets and model-index name")
+
+    push = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    push.add_argument("folder", type=Path, help="a folder written by `decollapse export`")
+    push.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    push.add_argument("--dry-run", action="store_true", help="check and list the files; no network")
 
     sub.add_parser("list", help="architectures, variants and knobs with their defaults")
     return parser
@@ -128,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _cmd_eval,
         "diagnose": _cmd_diagnose,
         "recursive-sweep": _cmd_recursive_sweep,
+        "export": _cmd_export,
+        "card": _cmd_card,
+        "push": _cmd_push,
         "list": _cmd_list,
     }
     try:
@@ -282,6 +304,48 @@ def _cmd_recursive_sweep(args) -> int:
     except DiagnoseError as err:
         return _fail(str(err))
     print(json.dumps(rows, indent=2) if args.json else to_markdown(rows))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .hub_cards import CardError, ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, repo_id=args.repo_id, overwrite=args.overwrite)
+    except (ExportError, CardError) as err:
+        return _fail(str(err))
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from .hub_cards import CardError, write_card
+
+    if not (args.folder / "config.json").is_file():
+        return _fail(f"{args.folder}: no config.json, not a model folder")
+    try:
+        path = write_card(args.folder, repo_id=args.repo_id)
+    except CardError as err:
+        return _fail(str(err))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from .hub_cards import PushError, push
+
+    try:
+        plan = push(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    except PushError as err:
+        return _fail(str(err))
+    target = f"{plan.repo_id}@{plan.revision or 'main'}{' (private)' if plan.private else ''}"
+    for name, size in plan.files:
+        print(f"{size:>12,}  {name}")
+    print(f"{len(plan.files)} files, {plan.total_bytes:,} bytes; card valid")
+    if args.dry_run:
+        print(f"dry run: nothing uploaded to {target}")
+    else:
+        print(f"uploaded to {target}: {plan.url}")
     return 0
 
 

@@ -47,6 +47,12 @@ class Architecture:
     def _class(self, class_name: str):
         return getattr(importlib.import_module(f"decollapse.modeling.{self.name}"), class_name)
 
+    def class_named(self, class_name: str):
+        """One of this architecture's model classes by name (an Auto-served head or an extra head)."""
+        if class_name not in set(self.models.values()) | set(self.extra_heads.values()):
+            raise ValueError(f"architecture {self.name!r} has no model class {class_name!r}")
+        return self._class(class_name)
+
     def model_for_objective(self, objective: str):
         if objective in self.extra_heads:
             return self._class(self.extra_heads[objective])
@@ -82,7 +88,12 @@ def get_architecture(name: str) -> Architecture:
 
 
 def register_all() -> None:
-    """Register every architecture with AutoConfig, AutoModel and its AutoModelFor… classes."""
+    """Register every architecture with AutoConfig, AutoModel and its AutoModelFor… classes, and give
+    the models the package's remote-code writer (see ``DecollapsePreTrainedModel.save_pretrained``)."""
+    from .hub_cards.export import write_remote_code
+    from .modeling.common import DecollapsePreTrainedModel
+
+    DecollapsePreTrainedModel._write_remote_code = staticmethod(write_remote_code)
     for arch in ARCHITECTURES.values():
         config_class = arch.config_class
         try:

@@ -108,6 +108,26 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     lora_target_modules: list[str] | None = None
     supports_gradient_checkpointing = False
     _supports_sdpa = True
+    # Writes the flat remote-code files and config.json's auto_map into a saved folder; set by the
+    # decollapse package (hub_cards.export) when it registers the architectures. Inside the package a
+    # modeling file imports its configuration from another folder, which transformers' own code copy
+    # (after `register_for_auto_class`) cannot follow. In an exported bundle this stays None: the
+    # files there are flat already and transformers' copy works as is.
+    _write_remote_code = None
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        cls = type(self)
+        writer = cls._write_remote_code
+        if cls._auto_class is None or writer is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # register_for_auto_class sets a class attribute, which transformers reads to decide on its copy.
+        auto_class, cls._auto_class = cls._auto_class, None
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            cls._auto_class = auto_class
+        writer(self, save_directory)
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
