@@ -36,7 +36,7 @@ HEADS = [(a, o) for a in ARCHITECTURES for o in ARCHITECTURES[a].objectives] + [
 ]
 
 FRESH_PROCESS = r'''
-import importlib.abc, json, sys
+import importlib.abc, json, os, sys
 
 class BlockDecollapse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -64,6 +64,9 @@ for job in jobs["folders"]:
     folder, out = job["folder"], {}
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     out["config_class"] = type(config).__name__
+    # The card's snippet: the tokenizer loads beside the remote code, without decollapse.
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        out["tokenizer_size"] = len(transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True))
     tensors = {}
     with torch.no_grad():
         for auto_name in job["auto_classes"]:
@@ -220,6 +223,12 @@ def test_export_loads_without_decollapse_and_computes_the_same(exported, arch):
     for key, entry in entries.items():
         seen = exported["report"]["folders"][str(entry["out"])]
         assert seen["config_class"] == ARCHITECTURES[arch].config
+        if key.endswith("-registered"):
+            assert "tokenizer_size" not in seen, key  # saved without a tokenizer, like any bare save_pretrained
+        else:
+            from transformers import AutoTokenizer
+
+            assert seen["tokenizer_size"] == len(AutoTokenizer.from_pretrained(str(entry["src"]))), key
         for auto in entry["job"]["auto_classes"]:
             assert seen[auto] == (entry["class"] if auto != "AutoModel" else ARCHITECTURES[arch].models["AutoModel"]), key
         got = load_file(entry["job"]["result"])

@@ -23,7 +23,7 @@ IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
 
 
 def _decollapse_snippet(text: str) -> str:
-    after = text.split("**With decollapse installed**", 1)[1]
+    after = text.split("**With the decollapse package installed**", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 

@@ -808,7 +808,8 @@ def _usage_section(records: Records, source: str) -> str:
         if head:
             code += [f"trained_head = {head}.from_pretrained({repo})  # the {objective} head it was trained with"]
         if records.has_tokenizer:
-            code += [f"tokenizer = AutoTokenizer.from_pretrained({repo})"]
+            # AutoTokenizer reads config.json too, whose classes are the repository's code.
+            code += [f"tokenizer = AutoTokenizer.from_pretrained({repo}{trust})"]
             if objective == "causal_lm":
                 code += [
                     "start = torch.tensor([[tokenizer.bos_token_id]])",
@@ -840,7 +841,7 @@ def _usage_section(records: Records, source: str) -> str:
             "This folder holds no modeling code yet (`config.json` has no `auto_map`): the snippet above works on the "
             "folder `decollapse export DIR OUT` writes, which bundles the code.",
         ]
-    lines += ["", "**With decollapse installed** (`pip install decollapse`):", ""]
+    lines += ["", "**With the decollapse package installed** (its classes registered with the Auto classes; no code from the repository runs):", ""]
     lines += snippet(remote=False)
     if records.has_sentence_transformers:
         lines += [
