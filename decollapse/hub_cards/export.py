@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import shutil
 import sys
@@ -238,7 +237,9 @@ def export_checkpoint(src: Path, out: Path, *, repo_id: str | None = None, overw
         from .card import write_card
 
         write_card(staging, repo_id=repo_id, local_path=out)
-        _publish(staging, out)
+        from ..runner import publish  # the same swap a training run ends with
+
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -341,13 +342,3 @@ def _check_no_pickles(folder: Path) -> None:
 
 def _write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def _publish(staging: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(trash)
-        staging.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(out)
