@@ -152,6 +152,44 @@ class DecollapsePreTrainedModel(PreTrainedModel):
         return self.config.aux_loss_weights
 
 
+class TokenStemMixin:
+    """The input stem of the token models (dense, dawn, moh): ``self.embed_tokens``, learned absolute
+    ``self.embed_positions`` and ``self.dropout``, which the subclass builds in its ``__init__``."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _embed(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_len: int,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """``(hidden_states, attn_mask, is_causal)``: token plus position embeddings after dropout, and
+        the SDPA mask pair of :func:`attention_bias`. Positions count real tokens only (padding
+        invariance) and continue after ``past_len`` cached tokens."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        seq_len = inputs_embeds.shape[1]
+        if past_len + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {past_len + seq_len} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}."
+            )
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, seq_len, past_len, inputs_embeds.device)
+        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, causal, inputs_embeds.device)
+        return self.dropout(inputs_embeds + self.embed_positions(position_ids)), attn_mask, is_causal
+
+
 class CausalLMHeadMixin:
     """Tied next-token head on ``self.model`` (a token model that takes a KV cache and returns
     ``last_hidden_state``, ``past_key_values`` and ``aux_losses``), as Llama's ``ForCausalLM``.

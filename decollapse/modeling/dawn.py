@@ -37,8 +37,7 @@ from .common import (
     CausalLMHeadMixin,
     DecollapsePreTrainedModel,
     MaskedLMHeadMixin,
-    attention_bias,
-    position_ids_from_mask,
+    TokenStemMixin,
 )
 from .diagnostics import (
     CollapseReport,
@@ -336,7 +335,7 @@ class DawnPreTrainedModel(DecollapsePreTrainedModel):
         return report
 
 
-class DawnModel(DawnPreTrainedModel):
+class DawnModel(TokenStemMixin, DawnPreTrainedModel):
     """Embeddings -> DAWN layers -> final LayerNorm. Causal or bidirectional by ``config.objective``."""
 
     def __init__(self, config: DawnConfig):
@@ -347,12 +346,6 @@ class DawnModel(DawnPreTrainedModel):
         self.layers = nn.ModuleList([DawnLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def aux_losses(self, routings: list[DawnRouting], valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The anti-collapse terms with non-zero weight, each averaged over layers and reported minus
@@ -411,24 +404,12 @@ class DawnModel(DawnPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> DecollapseModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if kwargs.get("past_key_values") is not None:
             raise ValueError("DAWN keeps no incremental decoding state; call it without past_key_values.")
         causal = self.config.objective == "causal_lm"
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq_len, _ = inputs_embeds.shape
-        if seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence of {seq_len} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}."
-            )
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, seq_len, 0, inputs_embeds.device)
-        attn_mask, is_causal = attention_bias(attention_mask, seq_len, 0, causal, inputs_embeds.device)
+        hidden_states, attn_mask, is_causal = self._embed(input_ids, inputs_embeds, attention_mask, position_ids, 0, causal)
         valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
 
-        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
         all_hidden = [] if output_hidden_states else None
         routings = []
         for layer in self.layers:

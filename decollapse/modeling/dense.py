@@ -19,8 +19,7 @@ from .common import (
     CausalLMHeadMixin,
     DecollapsePreTrainedModel,
     MaskedLMHeadMixin,
-    attention_bias,
-    position_ids_from_mask,
+    TokenStemMixin,
 )
 from .diagnostics import CollapseReport, effective_rank_entropy, homonym_separation, unit_report
 from .outputs import DecollapseModelOutput
@@ -182,7 +181,7 @@ class DensePreTrainedModel(DecollapsePreTrainedModel):
         return report
 
 
-class DenseModel(DensePreTrainedModel):
+class DenseModel(TokenStemMixin, DensePreTrainedModel):
     """Embeddings -> pre-LN blocks -> final LayerNorm. Causal or bidirectional by ``config.objective``."""
 
     def __init__(self, config: DenseConfig):
@@ -193,12 +192,6 @@ class DenseModel(DensePreTrainedModel):
         self.layers = nn.ModuleList([DenseBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -212,27 +205,16 @@ class DenseModel(DensePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,  # e.g. a BERT tokenizer's token_type_ids: no segment embeddings here, as in Llama
     ) -> DecollapseModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         causal = self.config.objective == "causal_lm"
         # A cache only serves generation; filling one during training is pure overhead.
         use_cache = (use_cache if use_cache is not None else self.config.use_cache) and causal and not self.training
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq_len, _ = inputs_embeds.shape
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len + seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence of {past_len + seq_len} tokens exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}."
-            )
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, seq_len, past_len, inputs_embeds.device)
-        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, causal, inputs_embeds.device)
-
-        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        hidden_states, attn_mask, is_causal = self._embed(
+            input_ids, inputs_embeds, attention_mask, position_ids, past_len, causal
+        )
+        seq_len = hidden_states.shape[1]
         all_hidden = [] if output_hidden_states else None
         aux_terms = []
         want_head_sim = self.config.head_diversity_weight > 0

@@ -28,7 +28,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..configuration.moh import MoHConfig
-from .common import CausalLMHeadMixin, DecollapsePreTrainedModel, attention_bias, causal_lm_loss, position_ids_from_mask
+from .common import CausalLMHeadMixin, DecollapsePreTrainedModel, TokenStemMixin, causal_lm_loss
 from .diagnostics import CollapseReport, effective_rank_entropy, gini, normalized_entropy, unit_report
 from .outputs import DecollapseModelOutput
 from .regularizers import load_balancing_loss, router_z_loss, routing_entropy
@@ -571,7 +571,7 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
         return report
 
 
-class MoHModel(MoHPreTrainedModel):
+class MoHModel(TokenStemMixin, MoHPreTrainedModel):
     """Embeddings -> pre-LN MoH blocks -> final LayerNorm (causal)."""
 
     def __init__(self, config: MoHConfig):
@@ -582,12 +582,6 @@ class MoHModel(MoHPreTrainedModel):
         self.layers = nn.ModuleList([MoHBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -601,25 +595,14 @@ class MoHModel(MoHPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,  # e.g. a BERT tokenizer's token_type_ids: no segment embeddings here, as in Llama
     ) -> DecollapseModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         use_cache = (use_cache if use_cache is not None else self.config.use_cache) and not self.training
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq_len, _ = inputs_embeds.shape
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len + seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence of {past_len + seq_len} tokens exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}."
-            )
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, seq_len, past_len, inputs_embeds.device)
-        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, True, inputs_embeds.device)
-
-        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        hidden_states, attn_mask, is_causal = self._embed(
+            input_ids, inputs_embeds, attention_mask, position_ids, past_len, True
+        )
+        seq_len = hidden_states.shape[1]
         all_hidden = [] if output_hidden_states else None
         routings = []
         for layer in self.layers:
