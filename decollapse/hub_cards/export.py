@@ -224,7 +224,6 @@ def export_checkpoint(src: Path, out: Path, *, repo_id: str | None = None, overw
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     tokenizer = _load_tokenizer(src)
-    sources = bundle_sources(checkpoint.arch.name)  # a bundle that cannot be built fails before any write
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
