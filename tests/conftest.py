@@ -1,3 +1,4 @@
+import logging
 import os
 from pathlib import Path
 
@@ -15,20 +16,13 @@ from decollapse.registry import ARCHITECTURES  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Tiny settings per architecture for contract tests; an architecture added later adds its line here
-# only if the generic defaults below do not fit it.
+# The shared tiny shape; each architecture adds what it needs in its registration (`tiny=`).
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "max_position_embeddings": 32, "vocab_size": 61}
-TINY_OVERRIDES: dict[str, dict] = {
-    "dense": {"num_attention_heads": 4},
-    "concept": {"num_concepts": 8, "num_attention_heads": 4, "intermediate_size": 32},
-    "dawn": {"num_neurons": 32, "neuron_top_k": 4, "num_basis": 8, "basis_rank": 4, "modulation_rank": 8},
-    "moh": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
-}
 
 
 def tiny_config(arch_name: str, **overrides):
     arch = ARCHITECTURES[arch_name]
-    return arch.config_class(**{**TINY, **TINY_OVERRIDES.get(arch_name, {}), **overrides})
+    return arch.config_class(**{**TINY, **arch.tiny, **overrides})
 
 
 def tiny_model(arch_name: str, objective: str | None = None, **overrides):
@@ -37,6 +31,35 @@ def tiny_model(arch_name: str, objective: str | None = None, **overrides):
     objective = objective or ARCHITECTURES[arch_name].objectives[0]
     config = tiny_config(arch_name, objective=objective, **overrides)
     return ARCHITECTURES[arch_name].model_for_objective(objective)(config)
+
+
+class _DeprecationLog(logging.Handler):
+    """Collects the deprecations the Hugging Face libraries *log* (transformers renames such as
+    ``past_key_values`` -> ``cache`` are announced with ``logger.warning_once``, which pytest's
+    warning filters never see)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.records.append(f"{record.name}: {message}")
+
+
+_DEPRECATIONS = _DeprecationLog()
+for _name in ("transformers", "accelerate", "datasets", "peft", "sentence_transformers", "huggingface_hub"):
+    logging.getLogger(_name).addHandler(_DEPRECATIONS)
+
+
+@pytest.fixture(autouse=True)
+def no_logged_deprecation():
+    """Fails a test during which a Hugging Face library logged a deprecation."""
+    _DEPRECATIONS.records.clear()
+    yield
+    if _DEPRECATIONS.records:
+        pytest.fail("deprecation logged by a dependency: " + " | ".join(_DEPRECATIONS.records))
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """Hub-facing layer: self-contained exports, model cards built from a folder's records, and pushes."""
 
 from .card import (
-    CITATIONS,
-    LIMITATIONS,
     PLACEHOLDERS,
     REQUIRED_METADATA,
     CardError,
@@ -10,12 +8,11 @@ from .card import (
     validate_card,
     write_card,
 )
-from .export import ExportError, bundle_sources, export_checkpoint
+from ..remote_code import bundle_sources
+from .export import ExportError, export_checkpoint
 from .push import PushError, PushPlan, plan_push, push
 
 __all__ = [
-    "CITATIONS",
-    "LIMITATIONS",
     "PLACEHOLDERS",
     "REQUIRED_METADATA",
     "CardError",

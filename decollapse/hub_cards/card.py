@@ -43,36 +43,6 @@ _PLACEHOLDER_RE = re.compile(
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
-# The research each architecture implements, as named in the project's specs (shared/specs/*.md) and
-# docs. Plain references: the card shows them as a list.
-CITATIONS: dict[str, tuple[str, ...]] = {
-    "dense": (
-        "Vaswani et al. 2017, *Attention Is All You Need*, NeurIPS 2017, "
-        "[arXiv:1706.03762](https://arxiv.org/abs/1706.03762): the Transformer.",
-        "Radford et al. 2019, *Language Models are Unsupervised Multitask Learners* (GPT-2): the pre-LN "
-        "layout with learned absolute positions and tied embeddings that `dense` follows.",
-    ),
-    "dawn": (
-        "DAWN (Dynamic Architecture With Neurons) v5.0, "
-        "[github.com/madst0614/DAWN](https://github.com/madst0614/DAWN), "
-        "commit `1356f29` (2025-11-23): neurons as combinations of shared basis FFNs, picked per token by a router.",
-    ),
-    "concept": (
-        "Jaegle et al. 2021, *Perceiver: General Perception with Iterative Attention*, ICML 2021, "
-        "[arXiv:2103.03206](https://arxiv.org/abs/2103.03206): a small set of latents reads the input by "
-        "cross-attention.",
-        "Jaegle et al. 2022, *Perceiver IO: A General Architecture for Structured Inputs & Outputs*, ICLR 2022, "
-        "[arXiv:2107.14795](https://arxiv.org/abs/2107.14795): output queries decode from the latents.",
-        "MrCogito concept encoder, [github.com/ksopyla/MrCogito](https://github.com/ksopyla/MrCogito), HEAD "
-        "`bcf06ad` (2026-02-26): the concept bottleneck, its objectives and concept losses this model implements.",
-    ),
-    "moh": (
-        "Jin et al. 2024, *MoH: Multi-Head Attention as Mixture-of-Head Attention*, "
-        "[arXiv:2410.11842](https://arxiv.org/abs/2410.11842): shared and routed heads, weighted per token.",
-        "RustGPT Mixture-of-Heads, [github.com/ryancinsight/RustGPT](https://github.com/ryancinsight/RustGPT), commit "
-        "`16aab77` (2025-10-19): the fully adaptive head router (per-token threshold, count and temperature).",
-    ),
-}
 # Citations of a training choice rather than of the architecture.
 OBJECTIVE_CITATIONS: dict[str, str] = {
     "tsdae": "Wang, Reimers & Gurevych 2021, *TSDAE: Using Transformer-based Sequential Denoising Auto-Encoder "
@@ -82,18 +52,6 @@ OBJECTIVE_CITATIONS: dict[str, str] = {
 WEIGHTING_CITATIONS: dict[str, str] = {
     "kendall_gal": "Kendall, Gal & Cipolla 2018, *Multi-Task Learning Using Uncertainty to Weigh Losses for Scene "
     "Geometry and Semantics*, CVPR 2018, [arXiv:1705.07115](https://arxiv.org/abs/1705.07115).",
-}
-
-# One or two honest lines per architecture: what the project's own runs (README) found it does not do.
-LIMITATIONS: dict[str, str] = {
-    "dense": "`dense` is the control arm: a plain transformer with no anti-collapse mechanism beyond an optional "
-    "head-diversity term, kept small so that the modular architectures can be compared with it at equal budget.",
-    "dawn": "At the default recipe DAWN's escape from the synthetic corpus's early plateau depends on the seed; "
-    "compare it with the dense control over several seeds before drawing a conclusion from one run.",
-    "concept": "A healthy concept rank is not evidence of semantic concepts: in the project's measured runs the "
-    "regularised concepts were spread geometrically but barely depended on the input.",
-    "moh": "Skipping heads is exact but, in this implementation, not faster than computing all heads on CPU; "
-    "the routed variants trade some perplexity for fewer active heads per token.",
 }
 
 _SOURCES = {
@@ -875,14 +833,14 @@ def _limitations_section(records: Records) -> str:
         "",
         f"A small research model. {trained}",
         "",
-        f"- {LIMITATIONS.get(records.arch.name, 'No limitation is recorded for this architecture.')}",
+        f"- {records.arch.limitations}",
         "- The collapse verdict covers the criteria listed above on one probe batch; a passing verdict is not "
         "a guarantee of useful units.",
     ])
 
 
 def _citations_section(records: Records) -> str:
-    refs = list(CITATIONS.get(records.arch.name, ()))
+    refs = list(records.arch.citations)
     if records.objective in OBJECTIVE_CITATIONS:
         refs.append(OBJECTIVE_CITATIONS[records.objective])
     strategy = ((records.metrics or {}).get("recipe") or {}).get("loss_weighting")
