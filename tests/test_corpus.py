@@ -195,7 +195,7 @@ def test_tokenizer_special_ids_round_trip_and_no_unk(default_corpus, tmp_path):
     rows = _column(corpus.dataset["validation"], "input_ids")[:20]
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     assert np.array_equal(np.asarray(tokenizer(texts)["input_ids"]), rows)
-    assert texts[0] == corpus.language.decode(corpus.word_ids(rows[0])[1:])
+    assert texts[0] == " " + corpus.language.decode(corpus.word_ids(rows[0])[1:])
 
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -408,3 +408,21 @@ def test_hub_source_goes_through_load_dataset(monkeypatch):
         "test": True,
     }
     assert corpus.num_tokens["train"] > 10 * corpus.num_tokens["test"]
+
+
+def test_text_generation_pipeline_keeps_the_space_between_prompt_and_continuation():
+    from transformers import pipeline
+
+    from .conftest import tiny_model
+
+    corpus = build_synthetic_corpus(SyntheticCorpusConfig(num_train=8, num_validation=4, num_test=4))
+    tokenizer = corpus.tokenizer
+    model = tiny_model("dense", vocab_size=len(tokenizer), max_position_embeddings=64).eval()
+    prompt = corpus.language.decode(corpus.word_ids(corpus.dataset["train"][0]["input_ids"])[1:6])
+    generated = pipeline("text-generation", model=model, tokenizer=tokenizer)(
+        prompt, max_new_tokens=3, do_sample=False
+    )[0]["generated_text"]
+    assert generated.startswith(prompt + " ")
+    words = generated.split()
+    assert len(words) == len(prompt.split()) + 3, generated
+    assert all(word in tokenizer.get_vocab() for word in words)

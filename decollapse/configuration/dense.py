@@ -12,7 +12,7 @@ class DenseConfig(DecollapseConfig):
     learned absolute positions, tied embeddings).
 
     The defaults are the recipe measured to train well on the embedded corpus in about two minutes on
-    two CPU cores (d=64, 2 layers, see ``shared/notes/corpus-calibration.md``); scale them with
+    two CPU cores (d=64, 2 layers, see docs/CORPUS.md); scale them with
     ``--set`` for real data.
 
     Args:

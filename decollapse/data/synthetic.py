@@ -748,7 +748,7 @@ def split_rng(config: SyntheticCorpusConfig, split: str) -> np.random.Generator:
 
 
 def _build_tokenizer(language: SyntheticLanguage, train_word_ids: np.ndarray):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values())
@@ -756,6 +756,10 @@ def _build_tokenizer(language: SyntheticLanguage, train_word_ids: np.ndarray):
     # Split on whitespace only: the language's words are whitespace-separated and "[EOD]" and
     # punctuation must stay single tokens (the regex Whitespace pre-tokenizer would cut "[EOD]").
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Every decoded word carries its leading space, as GPT-2's byte-level tokens do: generation
+    # pipelines decode the continuation alone and append it to the prompt, which would otherwise glue
+    # the first new word to the last prompt word. A decoded text therefore starts with a space.
+    tokenizer.decoder = decoders.Replace(Regex("^"), " ")
     trainer = trainers.WordLevelTrainer(
         vocab_size=len(specials) + language.vocab_size,
         min_frequency=0,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .diagnostics import CollapseReport
 from .outputs import DecollapseCausalLMOutput, DecollapseMaskedLMOutput, combine_losses
@@ -63,6 +64,22 @@ def attention_bias(
     return allowed, False
 
 
+def loss_share(labels: torch.Tensor, num_items_in_batch, shifted: bool) -> torch.Tensor | float:
+    """This batch's share of the labelled items of one optimizer step, ``n_batch / num_items_in_batch``.
+
+    transformers' loss-kwargs convention: with gradient accumulation (or several processes) the Trainer
+    counts the labelled items of the whole step (``num_items_in_batch``, over ``labels[..., 1:]`` for a
+    next-token loss) and does *not* divide the loss by the accumulation steps itself. A head then returns
+    ``share * (mean task loss + weighted auxiliary terms)``: the task part becomes the step's exact token
+    mean (``sum / num_items_in_batch``) and each auxiliary term its item-weighted mean over the step.
+    Without ``num_items_in_batch`` (a plain call) the share is 1.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    counted = labels[..., 1:] if shifted else labels
+    return counted.ne(IGNORE_INDEX).sum() / num_items_in_batch
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits at t predict labels at t + 1; -100 is ignored.
 
@@ -108,6 +125,11 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     lora_target_modules: list[str] | None = None
     supports_gradient_checkpointing = False
     _supports_sdpa = True
+    # Whether forward() takes the Trainer's `num_items_in_batch` and normalises its loss by it (see
+    # `loss_share`). transformers guesses True for any forward with **kwargs; a head that returns a
+    # per-batch mean it cannot re-normalise must say False, or gradient accumulation scales its loss
+    # by the number of accumulation steps.
+    accepts_loss_kwargs = False
     # Writes the flat remote-code files and config.json's auto_map into a saved folder; set by the
     # decollapse package (hub_cards.export) when it registers the architectures. Inside the package a
     # modeling file imports its configuration from another folder, which transformers' own code copy
@@ -192,7 +214,7 @@ class TokenStemMixin:
 
 class CausalLMHeadMixin:
     """Tied next-token head on ``self.model`` (a token model that takes a KV cache and returns
-    ``last_hidden_state``, ``past_key_values`` and ``aux_losses``), as Llama's ``ForCausalLM``.
+    ``last_hidden_state``, ``cache`` and ``aux_losses``), as Llama's ``ForCausalLM``.
 
     A subclass (listing ``GenerationMixin`` among its bases) builds ``self.model`` and
     ``self.lm_head = nn.Linear(hidden, vocab, bias=False)``, then calls ``post_init()``.
@@ -206,38 +228,48 @@ class CausalLMHeadMixin:
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    accepts_loss_kwargs = True
+
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> DecollapseCausalLMOutput:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:, :]
         logits = self.lm_head(hidden_states)  # (B, T, V)
-        task_loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = task_loss = None
+        if labels is not None:
+            task_loss = causal_lm_loss(logits, labels)
+            loss = loss_share(labels, num_items_in_batch, shifted=True) * combine_losses(
+                task_loss, outputs.aux_losses, self.config.aux_loss_weights
+            )
         return DecollapseCausalLMOutput(
-            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
+            loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             task_loss=task_loss,
             aux_losses=outputs.aux_losses,
@@ -270,6 +302,8 @@ class MaskedLMHeadMixin:
     def _predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.transform_norm(F.gelu(self.transform(hidden_states))))
 
+    accepts_loss_kwargs = True
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -279,6 +313,8 @@ class MaskedLMHeadMixin:
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
     ) -> DecollapseMaskedLMOutput:
         outputs = self.model(
             input_ids=input_ids,
@@ -286,12 +322,18 @@ class MaskedLMHeadMixin:
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        task_loss = masked_lm_loss(self._predict, hidden_states, labels) if labels is not None else None
+        loss = task_loss = None
+        if labels is not None:
+            task_loss = masked_lm_loss(self._predict, hidden_states, labels)
+            loss = loss_share(labels, num_items_in_batch, shifted=False) * combine_losses(
+                task_loss, outputs.aux_losses, self.config.aux_loss_weights
+            )
         logits = None if (self.training and labels is not None) else self._predict(hidden_states)
         return DecollapseMaskedLMOutput(
-            loss=combine_losses(task_loss, outputs.aux_losses, self.config.aux_loss_weights),
+            loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             task_loss=task_loss,

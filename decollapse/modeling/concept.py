@@ -1,5 +1,5 @@
 """The ``concept`` architecture: a Perceiver-style concept encoder (the MrCogito line,
-``shared/specs/mrcogito.md``) and its pre-training and downstream heads.
+github.com/ksopyla/MrCogito) and its pre-training and downstream heads.
 
 C learned concept vectors read a sequence through cross-attention, then self-attend and pass a
 gated-GELU FFN (pre-LN); a final LayerNorm gives the concepts ``[B, C, H]``. Decoders read the concepts
@@ -10,7 +10,7 @@ conditioned on the noise level) -> pretrained base (init, concept losses, collap
 model -> pre-training heads (Perceiver MLM, TSDAE, masked diffusion, prefix diffusion) -> downstream
 heads (weighted pooling, via the decoder, sentence pairs) and parameter-free pooling.
 
-Departures from the original, each fixing a recorded defect (spec §8): every module is initialised
+Departures from the original, each fixing a defect of its code (docs/CONCEPT.md): every module is initialised
 explicitly; BiXT skips the last token update, whose output nothing reads; the recursive encoder names
 its shared layer ``layers.0`` so ``from_pretrained`` of a standard checkpoint warm-starts it; padding is
 never a key, a target or a noised token; the token keys of every cross-attention are layer-normalised;
@@ -32,7 +32,7 @@ from transformers import initialization as init
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..configuration.concept import ConceptEncoderConfig
-from .common import IGNORE_INDEX, DecollapsePreTrainedModel, masked_lm_loss
+from .common import IGNORE_INDEX, DecollapsePreTrainedModel, loss_share, masked_lm_loss
 from .diagnostics import CollapseReport, concept_geometry, grade_concept_health, unit_report
 from .outputs import (
     DecollapseDiffusionOutput,
@@ -168,7 +168,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
     ``e = [sin(1000 t f), cos(1000 t f)]`` with ``f_i = 10000^(-i / (dim/2))``. The factor 1000 puts t on
     the integer-timestep scale the frequencies were designed for; on [0, 1] the low frequencies barely
-    move (spec §1.7).
+    move.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -255,7 +255,7 @@ class ConceptEncoderPreTrainedModel(DecollapsePreTrainedModel):
         - ``concepts.*``: ``concept_geometry`` of the final concepts ``[B, C, H]``: the original's
           batch-averaged "global" spectrum, the within-input spectrum (each input's own C × H matrix,
           averaged), pairwise cosines, per-dimension spread, isotropy, uniformity, norms; and
-          ``concepts.<metric>.grade`` = 0 / 1 / 2 for POOR / OK / GOOD under spec §4's thresholds.
+          ``concepts.<metric>.grade`` = 0 / 1 / 2 for POOR / OK / GOOD under the thresholds of ``grade_concept_health``.
         - ``prototypes.*``: the learned initial concept vectors (before any input is read).
         - ``layer{i}.assignment.*``: each real token's assignment to the concept that attends to it
           most in layer (iteration) i's cross-attention: usage, Gini, entropy, dead share, and mutual
@@ -334,14 +334,19 @@ class ConceptEncoderModel(ConceptEncoderPreTrainedModel):
         return self.token_projection(x) if self.token_projection is not None else x
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {input_ids.shape[1]} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}."
+            )
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.dropout(self.project(self.token_embeddings(input_ids) + self.position_embeddings(positions)[None]))
 
     @torch.no_grad()
     def load_pretrained_embeddings(self, source: nn.Module) -> list[str]:
         """Initialise the token (and, where the shapes match, position) embeddings from ``source``, any
-        ``transformers`` model sharing this model's tokenizer (the seed's TODO 14: start the bottleneck
-        from a model that already knows the language). Returns the names of the tensors copied and
+        ``transformers`` model sharing this model's tokenizer (start the bottleneck from a model
+        that already knows the language). Returns the names of the tensors copied and
         records ``source.name_or_path`` in ``config.init_from``.
 
         Raises ValueError when the vocabularies differ or the embedding width is not
@@ -484,12 +489,15 @@ class ConceptEncoderForMaskedLM(ConceptEncoderPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    accepts_loss_kwargs = True
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_iterations: int | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> DecollapseMaskedLMOutput:
         encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, num_iterations=num_iterations)
@@ -498,8 +506,9 @@ class ConceptEncoderForMaskedLM(ConceptEncoderPreTrainedModel):
         if labels is None:
             return DecollapseMaskedLMOutput(logits=self.lm_head(hidden), aux_losses=aux)
         task_loss = masked_lm_loss(self.lm_head, hidden, labels)
+        share = loss_share(labels, num_items_in_batch, shifted=False)
         return DecollapseMaskedLMOutput(
-            loss=combine_losses(task_loss, aux, self.config.aux_loss_weights), task_loss=task_loss, aux_losses=aux
+            loss=share * combine_losses(task_loss, aux, self.config.aux_loss_weights), task_loss=task_loss, aux_losses=aux
         )
 
 
@@ -708,7 +717,7 @@ class ConceptEncoderForMaskedDiffusion(ConceptEncoderPreTrainedModel):
 
 
 class ConceptEncoderForPrefixDiffusion(ConceptEncoderForMaskedDiffusion):
-    """Prefix generation (the seed's TODO 13): the encoder reads a clean prefix (``input_ids``), the
+    """Prefix generation: the encoder reads a clean prefix (``input_ids``), the
     conditioned decoder denoises the suffix (``labels``, -100 at padding) with positions counted from
     the suffix start; the loss covers suffix tokens only (``DataCollatorForPrefixGeneration``).
     ``generate(prefix_ids, length=n)`` writes an n-token continuation.
@@ -740,7 +749,7 @@ def mean_pool_concepts(concepts: torch.Tensor) -> torch.Tensor:
     """Parameter-free sentence embedding: the mean of the concepts, ``[B, C, H] -> [B, H]``.
 
     Zero-shot similarity uses this rather than a pooling head: an untrained scorer makes
-    "zero-shot" numbers depend on its random seed (spec §5).
+    "zero-shot" numbers depend on its random seed.
     """
     return concepts.mean(dim=1)
 
@@ -758,13 +767,15 @@ class ConceptWeightedPooling(nn.Module):
         return self.norm((alpha * concepts).sum(dim=1))
 
 
-def _classifier_output(model, logits, labels, aux) -> DecollapseSequenceClassifierOutput:
+def _classifier_output(model, logits, labels, aux, num_items_in_batch=None) -> DecollapseSequenceClassifierOutput:
     if labels is None:
         return DecollapseSequenceClassifierOutput(logits=logits, aux_losses=aux)
     # transformers' own rule: one label -> MSE regression, integer labels -> cross-entropy, else BCE.
     task_loss = ForSequenceClassificationLoss(labels, logits, model.config)
+    # The Trainer counts one item per example (a label is never -100 here).
+    share = 1.0 if num_items_in_batch is None else labels.shape[0] / num_items_in_batch
     return DecollapseSequenceClassifierOutput(
-        loss=combine_losses(task_loss, aux, model.config.aux_loss_weights), logits=logits, task_loss=task_loss,
+        loss=share * combine_losses(task_loss, aux, model.config.aux_loss_weights), logits=logits, task_loss=task_loss,
         aux_losses=aux,
     )
 
@@ -781,10 +792,14 @@ class ConceptEncoderForSequenceClassification(ConceptEncoderPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> DecollapseSequenceClassifierOutput:
+    accepts_loss_kwargs = True
+
+    def forward(
+        self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs
+    ) -> DecollapseSequenceClassifierOutput:
         encoded = self.model(input_ids=input_ids, attention_mask=attention_mask)
         logits = self.classifier(self.dropout(self.pooler(encoded.last_hidden_state)))
-        return _classifier_output(self, logits, labels, encoded.aux_losses)
+        return _classifier_output(self, logits, labels, encoded.aux_losses, num_items_in_batch)
 
 
 class ConceptEncoderForSequenceClassificationViaDecoder(ConceptEncoderPreTrainedModel):
@@ -802,14 +817,18 @@ class ConceptEncoderForSequenceClassificationViaDecoder(ConceptEncoderPreTrained
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> DecollapseSequenceClassifierOutput:
+    accepts_loss_kwargs = True
+
+    def forward(
+        self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs
+    ) -> DecollapseSequenceClassifierOutput:
         encoded = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = self.pre_pool_norm(self.decoder(decoder_queries(self.model, input_ids), encoded.last_hidden_state))
         weights = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         weights = weights.to(hidden.dtype)[..., None]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         logits = self.classifier(self.dropout(pooled))
-        return _classifier_output(self, logits, labels, encoded.aux_losses)
+        return _classifier_output(self, logits, labels, encoded.aux_losses, num_items_in_batch)
 
 
 class ConceptEncoderForSentencePairClassification(ConceptEncoderPreTrainedModel):

@@ -1,5 +1,5 @@
 """``dawn``: neurons as combinations of shared basis FFN blocks, picked per token by a neuron router
-(DAWN v5.0, ``shared/specs/dawn.md``), built causal where the original leaked.
+(DAWN v5.0, github.com/madst0614/DAWN), built causal where the original leaked.
 
 Per layer (pre-LN, two residual writes):
 
@@ -11,7 +11,7 @@ Per layer (pre-LN, two residual writes):
    coefficient rows over M shared low-rank basis blocks, ``W_up = (Σ_m a_m A_m)(Σ_m b_m B_m)``, and
    ``x += down(GELU(v W_up) ⊙ σ(modulation(Σ_j w_j · neuron_j)))``.
 
-What differs from the original, on purpose (spec §6–7): the up-projection is composed per token (or
+What differs from the original, on purpose: the up-projection is composed per token (or
 from a causal prefix), never pooled over the whole sequence for a causal LM; padding enters no
 pooling and no attention; the masked-LM variant routes with a bidirectional context attention;
 the sparsity loss is differentiable; a load-balancing term keeps the router using its pool; every
@@ -404,8 +404,8 @@ class DawnModel(TokenStemMixin, DawnPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> DecollapseModelOutput:
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("DAWN keeps no incremental decoding state; call it without past_key_values.")
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("DAWN keeps no incremental decoding state (no KV cache); call it without a cache.")
         causal = self.config.objective == "causal_lm"
         hidden_states, attn_mask, is_causal = self._embed(input_ids, inputs_embeds, attention_mask, position_ids, 0, causal)
         valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration.dense import DenseConfig
 from .common import (
@@ -43,7 +44,7 @@ class DenseAttention(nn.Module):
         hidden_states: torch.Tensor,  # (B, T, C)
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq_len, width = hidden_states.shape
         # Splitting along the last dimension keeps the backward to a single concatenation.
@@ -51,8 +52,8 @@ class DenseAttention(nn.Module):
             part.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
             for part in self.qkv_proj(hidden_states).split(width, dim=-1)
         )
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         heads = F.scaled_dot_product_attention(
             query,
             key,
@@ -96,8 +97,8 @@ class DenseBlock(nn.Module):
         self.mlp = DenseMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attn_mask, is_causal, past_key_values=None):
-        attn_out, heads = self.attn(self.attn_norm(hidden_states), attn_mask, is_causal, past_key_values)
+    def forward(self, hidden_states, attn_mask, is_causal, cache=None):
+        attn_out, heads = self.attn(self.attn_norm(hidden_states), attn_mask, is_causal, cache)
         hidden_states = hidden_states + self.dropout(attn_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states, heads
@@ -193,12 +194,13 @@ class DenseModel(TokenStemMixin, DensePreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -208,9 +210,9 @@ class DenseModel(TokenStemMixin, DensePreTrainedModel):
         causal = self.config.objective == "causal_lm"
         # A cache only serves generation; filling one during training is pure overhead.
         use_cache = (use_cache if use_cache is not None else self.config.use_cache) and causal and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         hidden_states, attn_mask, is_causal = self._embed(
             input_ids, inputs_embeds, attention_mask, position_ids, past_len, causal
         )
@@ -221,7 +223,7 @@ class DenseModel(TokenStemMixin, DensePreTrainedModel):
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states, heads = layer(hidden_states, attn_mask, is_causal, past_key_values)
+            hidden_states, heads = layer(hidden_states, attn_mask, is_causal, cache)
             if want_head_sim:
                 contrib = layer.attn.head_contributions(heads)  # (B, T, nh, C)
                 if attention_mask is not None:
@@ -234,7 +236,7 @@ class DenseModel(TokenStemMixin, DensePreTrainedModel):
         aux_losses = {"head_similarity": torch.stack(aux_terms).mean()} if aux_terms else {}
         return DecollapseModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             aux_losses=aux_losses,
         )

@@ -10,8 +10,8 @@ Conventions:
   tensor is flattened to ``[n, -1]`` (e.g. a ``[heads, d_head, d_model]`` weight gives one
   vector per head); a 1-D tensor is ``n`` one-dimensional units.
 * signed versus absolute cosine is always explicit in the name or in a required argument,
-  because the field mixes them up (spec mrcogito §4 reports the mean *absolute* but the max
-  *signed* cosine; spec dawn §5 counts *signed* similar pairs).
+  because the field mixes them up (MrCogito's concept analysis reports the mean *absolute* but the
+  max *signed* cosine; DAWN's ``analyze_dawn.py`` counts *signed* similar pairs).
 * :class:`CollapseReport` and :func:`unit_report` are the cross-architecture contract: every
   model reports the same metric names, prefixed per layer / unit group by the caller.
 
@@ -132,7 +132,8 @@ def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
 
     Returns a detached ``[n, n]`` float32 tensor (float64 for float64 input) on ``x``'s device.
 
-    Reference: spec mrcogito §4, spec dawn §5 (seed 001).
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``analysis/concept_analysis.py``; DAWN v5.0
+    (github.com/madst0614/DAWN, commit 1356f29), ``scripts/analyze_dawn.py``.
     """
     return pairwise_cosine(_as_units(x))
 
@@ -167,7 +168,8 @@ def mean_off_diagonal_cosine(x: torch.Tensor, absolute: bool) -> float:
     The signed mean can be near 0 for units that are all ±copies of one vector; use the
     absolute one to detect collapse up to sign. ``n < 2`` returns 0.0.
 
-    Reference: spec mrcogito §4 ("mean pairwise similarity", absolute); seed 000 (block similarity).
+    Reference: MrCogito (github.com/ksopyla/MrCogito), mean pairwise similarity (absolute); SOSM
+    (github.com/PlanetDestroyyer/Self-Organizing-State-Model), block similarity.
     """
     return _mean_off_diag(cosine_similarity_matrix(x), absolute)
 
@@ -176,7 +178,8 @@ def mean_off_diagonal_cosine(x: torch.Tensor, absolute: bool) -> float:
 def max_off_diagonal_cosine(x: torch.Tensor, absolute: bool) -> float:
     """Largest off-diagonal cosine, ``max_{i≠j} S_ij`` (signed) or ``max_{i≠j} |S_ij|`` (absolute).
 
-    ``n < 2`` returns 0.0. Reference: spec mrcogito §4 ("max pairwise similarity", signed).
+    ``n < 2`` returns 0.0. Reference: MrCogito (github.com/ksopyla/MrCogito), max pairwise
+    similarity (signed).
     """
     return _max_off_diag(cosine_similarity_matrix(x), absolute)
 
@@ -188,7 +191,9 @@ def similar_pair_fraction(x: torch.Tensor, threshold: float = 0.8, absolute: boo
     ``#{i < j : S_ij > τ} / (n(n−1)/2)`` (``|S_ij|`` when ``absolute``). Every pair is counted,
     no sampling. ``n < 2`` returns 0.0.
 
-    Reference: spec dawn §5 ("similar pairs (>0.8)", signed, unordered; seed 001 reports 99.9%).
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), ``scripts/analyze_dawn.py``,
+    similar pairs above 0.8 (signed, unordered; the repository reports 99.9% for its
+    uniform-initialised run).
     """
     return _similar_fraction(cosine_similarity_matrix(x), threshold, absolute)
 
@@ -227,7 +232,7 @@ def effective_rank_entropy(x: torch.Tensor) -> float:
     all-zero (or empty) matrix returns 0.0.
 
     Reference: Roy & Vetterli, "The effective rank: a measure of effective dimensionality",
-    EUSIPCO 2007; spec dawn §5 (seed 001: "effective rank > 12/16").
+    EUSIPCO 2007; DAWN v5.0 (github.com/madst0614/DAWN), whose docs target a ratio above 0.75.
     """
     return _erank_entropy(_singular_values(x))
 
@@ -239,7 +244,8 @@ def effective_rank_nuclear(x: torch.Tensor) -> float:
     Range ``[1, min(n, d)]`` for a non-zero matrix; all-zero returns 0.0. Not the same number
     as :func:`effective_rank_entropy`.
 
-    Reference: spec mrcogito §4 (seed 003, "global effective rank").
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``analysis/concept_analysis.py`` (its
+    "effective rank").
     """
     return _erank_nuclear(_singular_values(x))
 
@@ -251,7 +257,8 @@ def top1_singular_dominance(x: torch.Tensor) -> float:
     Range ``[1/min(n, d), 1]``; 1 = rank-one collapse. All-zero returns 0.0 (so it is
     ``1 / effective_rank_nuclear`` except in that case, where both are 0).
 
-    Reference: spec mrcogito §4 ("top-1 dominance").
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``analysis/concept_analysis.py`` (top-1
+    dominance).
     """
     return _top1_dominance(_singular_values(x))
 
@@ -265,8 +272,8 @@ def participation_ratio(x: torch.Tensor) -> float:
     scale-free). Range ``[1, min(N − 1, d)]``; a single row or constant rows (no variance)
     return 0.0.
 
-    Reference: spec mrcogito §4 ("participation ratio"); Gao et al., "A theory of
-    multineuronal dimensionality, dynamics and measurement", 2017.
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``analysis/concept_analysis.py``; Gao et al.,
+    "A theory of multineuronal dimensionality, dynamics and measurement", 2017.
     """
     xd = x.detach()
     flat = xd.reshape(-1, xd.shape[-1]) if xd.dim() > 1 else xd.reshape(-1, 1)
@@ -303,7 +310,9 @@ def usage_counts(
     Returns:
         ``[num_units]`` int64 tensor on ``assignments``' device.
 
-    Reference: spec dawn §5 ("neuron usage"), spec some (seed 002).
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), ``scripts/analyze_dawn.py``
+    (neuron usage); SoME (github.com/TesterSim2/Self-Organizing-Mixture-of-Experts-SoME-, expert
+    usage).
     """
     a = assignments.detach().long()
     if mask is not None:
@@ -323,8 +332,9 @@ def usage_counts(
 def usage_share(counts: torch.Tensor) -> torch.Tensor:
     """Usage counts as a distribution, ``share_u = count_u / Σ_v count_v``.
 
-    All-zero counts give all-zero shares (not NaN). Returns float32 (float64 for float64
-    input) on ``counts``' device. Reference: spec dawn §5 (``freq``).
+    All-zero counts give all-zero shares (not NaN). Returns float32 (float64 for float64 input) on
+    ``counts``' device. Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29),
+    ``scripts/analyze_dawn.py``.
     """
     c = counts.detach().reshape(-1)
     c = c.to(_work_dtype(c))
@@ -343,7 +353,8 @@ def gini(values: torch.Tensor) -> float:
     0 = perfectly equal, ``(n−1)/n`` = all mass on one unit. All zeros, a single unit, or an
     empty vector return 0.0. Negative entries raise ``ValueError``.
 
-    Reference: Gini 1912; spec dawn §5 and spec some (seed 002, expert-usage Gini).
+    Reference: Gini 1912; DAWN v5.0 (github.com/madst0614/DAWN) and SoME
+    (github.com/TesterSim2/Self-Organizing-Mixture-of-Experts-SoME-) report usage Gini.
     """
     v = _non_negative_cpu_vector(values, "gini values")
     n = v.numel()
@@ -364,7 +375,8 @@ def normalized_entropy(counts_or_probs: torch.Tensor) -> float:
     takes everything. Conventions: a single unit returns 1.0 (one unit cannot be unbalanced);
     all zeros or an empty vector return 0.0. Negative entries raise ``ValueError``.
 
-    Reference: spec dawn §5, spec some (seed 002, "normalised Shannon entropy").
+    Reference: Shannon 1948; DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29),
+    ``scripts/analyze_dawn.py``.
     """
     v = _non_negative_cpu_vector(counts_or_probs, "counts_or_probs")
     n = v.numel()
@@ -379,7 +391,8 @@ def normalized_entropy(counts_or_probs: torch.Tensor) -> float:
 def dead_unit_share(counts: torch.Tensor, threshold: float = 0) -> float:
     """Share of units used at most ``threshold`` times: ``#{u : count_u ≤ threshold} / n``.
 
-    Empty input returns 0.0. Reference: spec some ("dead-expert share"), spec dawn §5 (1 − usage).
+    Empty input returns 0.0. It is 1 − usage in DAWN's ``analyze_dawn.py``
+    (github.com/madst0614/DAWN).
     """
     c = _as_cpu_vector(counts)
     if c.numel() == 0:
@@ -393,7 +406,8 @@ def top_k_share(counts: torch.Tensor, k: int) -> float:
 
     ``k ≥ n`` gives 1.0; ``k == 0`` or all-zero counts give 0.0; ``k < 0`` raises.
 
-    Reference: spec dawn §5 ("top-10 and top-50 shares").
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), ``scripts/analyze_dawn.py``
+    (top-10 and top-50 shares).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -447,8 +461,8 @@ def mutual_information(assignments: torch.Tensor, labels: torch.Tensor) -> float
     have equal length. A constant labelling or empty input gives 0.0. Matches
     ``sklearn.metrics.mutual_info_score``.
 
-    Reference: Cover & Thomas, "Elements of Information Theory"; seed 002 (MI between expert
-    clusters and token types).
+    Reference: Cover & Thomas, "Elements of Information Theory". Here it asks whether a unit's
+    selection tracks the corpus's ground-truth token classes or domains.
     """
     a, b = _paired_ids(assignments, labels)
     return _mi_and_entropies(a, b)[0]
@@ -495,7 +509,7 @@ def count_homonyms(surface_ids: torch.Tensor, sense_ids: torch.Tensor) -> int:
     """Number of distinct surface tokens that occur with at least two distinct senses.
 
     Check this before trusting :func:`homonym_separation`, which returns 0.0 when it is 0.
-    Reference: spec sosm §8.
+    Reference: SOSM (github.com/PlanetDestroyyer/Self-Organizing-State-Model), homonym test.
     """
     groups, _ = _sense_groups(surface_ids, sense_ids)
     if groups.shape[0] == 0:
@@ -512,7 +526,7 @@ def homonym_separation(hidden: torch.Tensor, surface_ids: torch.Tensor, sense_id
     ``μ_{w,s} = mean{h_t : surface_t = w, sense_t = s}`` and
     ``sep(w) = mean_{s < s'} (1 − cos(μ_{w,s}, μ_{w,s'}))``; the result is ``mean_w sep(w)``.
     Range ``[0, 2]``; 0 = senses indistinguishable. Measured on contextual hidden states (not
-    embedding tables, the flaw the spec notes in the original test).
+    embedding tables, which is what the original SOSM test compared).
 
     Conventions: no homonym present returns 0.0 — use :func:`count_homonyms` to tell this
     apart from real collapse; two all-zero centroids count as identical (separation 0); a zero
@@ -522,7 +536,9 @@ def homonym_separation(hidden: torch.Tensor, surface_ids: torch.Tensor, sense_id
         hidden: ``[T, d]`` or ``[B, S, d]`` hidden states.
         surface_ids, sense_ids: one integer per position (``[T]`` or ``[B, S]``).
 
-    Reference: seed 000 ("homonym separation > 0.3"); spec sosm §8 (needle test, 1 − cos).
+    Reference: SOSM (github.com/PlanetDestroyyer/Self-Organizing-State-Model),
+    ``test_homonym_separation.py`` (1 − cos, 0.3 and above graded good); here measured on contextual
+    states rather than on embedding tables.
     """
     h = hidden.detach()
     h = h.reshape(-1, h.shape[-1])
@@ -561,7 +577,8 @@ def jensen_shannon_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     ``KL`` is infinite), 0 for identical distributions and at most ``log 2``. An all-zero input
     returns 0.0. Negative entries raise ``ValueError``.
 
-    Reference: spec dawn §5 ("layer differences", which reports KL of layer usage vectors).
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), ``scripts/analyze_dawn.py``
+    (layer differences, reported there as the KL divergence of layer usage).
     """
     a = _non_negative_cpu_vector(p, "p")
     b = _non_negative_cpu_vector(q, "q")
@@ -599,7 +616,8 @@ def coactivation_strong_pairs(
         threshold: ``τ``.
         mask: optional ``[T]`` (or the leading dims) weights; 0 drops a token.
 
-    Reference: spec dawn §5 ("co-activation", strong pairs at 0.8; seed 001).
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), ``scripts/analyze_dawn.py``
+    (co-activation, strong pairs at 0.8).
     """
     a = assignments.detach().long()
     if a.dim() < 2:
@@ -736,7 +754,8 @@ def unit_report(
     Callers prefix the names with :meth:`CollapseReport.update`, e.g.
     ``report.update(unit_report(...), prefix="layer0.heads")``.
 
-    Reference: specs mrcogito §4 and dawn §5 (the metrics unified here).
+    Reference: the concept analysis of MrCogito (github.com/ksopyla/MrCogito) and the neuron
+    analysis of DAWN v5.0 (github.com/madst0614/DAWN), whose metrics are unified here.
     """
     report = CollapseReport()
     if vectors is not None:
@@ -795,7 +814,7 @@ def unit_report(
 # concept encoders: geometry of [B, C, H] concept outputs and its health grading
 # --------------------------------------------------------------------------------------------
 
-# A per-dimension std below this counts the dimension as collapsed (spec mrcogito §4).
+# A per-dimension std below this counts the dimension as collapsed (MrCogito's concept analysis).
 _COLLAPSED_DIM_STD = 1e-4
 
 
@@ -834,7 +853,7 @@ def concept_geometry(concepts: torch.Tensor, similar_threshold: float = 0.8) -> 
     ``S_b = ĉ_b ĉ_bᵀ`` is the ``[C, C]`` cosine matrix of input ``b``, ``r = min(C, H)`` and
     ``Z = concepts.reshape(B·C, H)``. Metrics (Python floats):
 
-    Global view (the spec's reported one), on the batch-mean ``M = mean_b c_b`` ``[C, H]`` with
+    Global view (the one MrCogito reports), on the batch-mean ``M = mean_b c_b`` ``[C, H]`` with
     singular values ``σ_1 ≥ … ≥ σ_r``:
 
     * ``global.effective_rank_nuclear`` ``= Σσ_i / σ_1``; ``global.effective_rank_nuclear_ratio`` ``÷ r``.
@@ -897,9 +916,10 @@ def concept_geometry(concepts: torch.Tensor, similar_threshold: float = 0.8) -> 
     Grade the result with :func:`grade_concept_health`; prefix the names with
     :meth:`CollapseReport.update`.
 
-    Reference: spec mrcogito §4 (``compute_concept_geometry_metrics``: global rank, top-1
-    dominance, variance ratios, pairwise similarity, per-dimension std, uniformity, isotropy,
-    participation ratio, norms); Roy & Vetterli, EUSIPCO 2007 (entropy effective rank).
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``analysis/concept_analysis.py``
+    (``compute_concept_geometry_metrics``: global rank, top-1 dominance, variance ratios, pairwise
+    similarity, per-dimension std, uniformity, isotropy, participation ratio, norms); Roy &
+    Vetterli, EUSIPCO 2007 (entropy effective rank).
     """
     c = concepts.detach()
     if c.dim() != 3:
@@ -987,12 +1007,13 @@ def concept_geometry(concepts: torch.Tensor, similar_threshold: float = 0.8) -> 
     return report
 
 
-# Health bands of spec mrcogito §4 (``run_concept_analysis.py``), keyed by the metric names of
-# :func:`concept_geometry`: name -> (bad_edge, good_edge, higher_is_better).
+# Health bands of MrCogito's ``analysis/run_concept_analysis.py`` (github.com/ksopyla/MrCogito),
+# keyed by the metric names of :func:`concept_geometry`: name -> (bad_edge, good_edge,
+# higher_is_better).
 CONCEPT_HEALTH_THRESHOLDS: dict[str, tuple[float, float, bool]] = {
     # higher is better: POOR < bad_edge <= OK < good_edge <= GOOD
     "global.effective_rank_nuclear_ratio": (0.3, 0.7, True),
-    # Not in the spec: the same 0.3 / 0.7 band on the within-input entropy rank, the view this
+    # Not in MrCogito: the same 0.3 / 0.7 band on the within-input entropy rank, the view this
     # package accepts a concept encoder on (the global rank can look healthy while every input
     # collapses to one direction).
     "within.effective_rank_entropy_ratio": (0.3, 0.7, True),
@@ -1022,12 +1043,13 @@ def grade_concept_health(metrics: dict[str, float]) -> dict[str, str]:
     A NaN value is graded POOR. Metrics without a threshold are ignored; the result follows the
     order of :data:`CONCEPT_HEALTH_THRESHOLDS`.
 
-    The spec's raw global rank band (40 / 90) is left out: it assumes ``min(C, H) = 128``; the
+    MrCogito's raw global rank band (40 / 90) is left out: it assumes ``min(C, H) = 128``; the
     normalized rank carries the same information for any size. ``global.dims_for_95pct_variance``
-    (10 / 50) is kept as in the spec and likewise assumes concept matrices of about that size.
+    (10 / 50) is kept as MrCogito has it and likewise assumes concept matrices of about that size.
 
-    Reference: spec mrcogito §4 (grading thresholds of ``run_concept_analysis.py``: POOR < lo ≤ OK <
-    hi ≤ GOOD; for lower-is-better metrics GOOD below the first number and OK below the second).
+    Reference: MrCogito (github.com/ksopyla/MrCogito), grading thresholds of
+    ``analysis/run_concept_analysis.py`` (POOR < lo ≤ OK < hi ≤ GOOD; for lower-is-better metrics
+    GOOD below the first number and OK below the second).
     """
     grades: dict[str, str] = {}
     for name, (bad, good, higher_is_better) in CONCEPT_HEALTH_THRESHOLDS.items():

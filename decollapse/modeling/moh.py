@@ -5,7 +5,7 @@ active heads) -> MLP -> block -> pretrained base (collapse report) -> model -> c
 ``MoHAttention`` takes only a config with the attention and routing fields of ``MoHConfig``, so other
 architectures can use it as their attention layer.
 
-What the original got wrong and this file does not (``shared/specs/moh.md`` §7): the routing weights
+What the original (github.com/ryancinsight/RustGPT) got wrong and this file does not: the routing weights
 multiply the head outputs inside autograd, so every router parameter and predictor receives the
 language-model gradient; the mixing weights α₁/α₂ are applied; heads whose weight is zero are really not
 computed; and the "soft" gate keeps a head while the probability mass *before* it is below the
@@ -26,6 +26,7 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration.moh import MoHConfig
 from .common import CausalLMHeadMixin, DecollapsePreTrainedModel, TokenStemMixin, causal_lm_loss
@@ -252,7 +253,7 @@ class MoHAttention(nn.Module):
         hidden_states: torch.Tensor,  # (B, T, C)
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, HeadRouting | None]:
         """Returns the attention output (B, T, C), the unweighted head outputs (B, T, H, d) when every
         head was computed (None on the sparse path) and the routing (None for ``"all"``)."""
@@ -261,9 +262,9 @@ class MoHAttention(nn.Module):
         key = self.k_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past_len = 0
-        if past_key_values is not None:
-            past_len = past_key_values.get_seq_length(self.layer_idx)
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            past_len = cache.get_seq_length(self.layer_idx)
+            key, value = cache.update(key, value, self.layer_idx)
         if routing is not None and self._skips(routing):
             out = self._active_heads_only(hidden_states, key, value, routing, attn_mask, is_causal, past_len)
             return out, None, routing
@@ -375,8 +376,8 @@ class MoHBlock(nn.Module):
         self.mlp = MoHMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attn_mask, is_causal, past_key_values=None):
-        attn_out, heads, routing = self.attn(self.attn_norm(hidden_states), attn_mask, is_causal, past_key_values)
+    def forward(self, hidden_states, attn_mask, is_causal, cache=None):
+        attn_out, heads, routing = self.attn(self.attn_norm(hidden_states), attn_mask, is_causal, cache)
         hidden_states = hidden_states + self.dropout(attn_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states, heads, routing
@@ -583,12 +584,13 @@ class MoHModel(TokenStemMixin, MoHPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -596,9 +598,9 @@ class MoHModel(TokenStemMixin, MoHPreTrainedModel):
         **kwargs,  # e.g. a BERT tokenizer's token_type_ids: no segment embeddings here, as in Llama
     ) -> DecollapseModelOutput:
         use_cache = (use_cache if use_cache is not None else self.config.use_cache) and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         hidden_states, attn_mask, is_causal = self._embed(
             input_ids, inputs_embeds, attention_mask, position_ids, past_len, True
         )
@@ -608,7 +610,7 @@ class MoHModel(TokenStemMixin, MoHPreTrainedModel):
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states, _, routing = layer(hidden_states, attn_mask, is_causal, past_key_values)
+            hidden_states, _, routing = layer(hidden_states, attn_mask, is_causal, cache)
             if routing is not None:
                 routings.append(routing)
         hidden_states = self.norm(hidden_states)
@@ -618,7 +620,7 @@ class MoHModel(TokenStemMixin, MoHPreTrainedModel):
         valid = attention_mask[:, -seq_len:].bool() if attention_mask is not None else None
         return DecollapseModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             aux_losses=routing_losses(routings, valid, self.config),
         )

@@ -125,7 +125,8 @@ def pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
         ``[..., n, n]`` in float32 (float64 for float64 input). Zero rows give cosine 0 with
         every row, including themselves, instead of NaN.
 
-    Reference: standard; used as ``S = ĉĉᵀ`` in spec mrcogito §2 and ``G = ÂÂᵀ`` in spec dawn §3.
+    Reference: standard; used as ``S = ĉĉᵀ`` by MrCogito's concept losses and ``G = ÂÂᵀ``
+    by DAWN's orthogonality loss.
     """
     xn = _normalize_rows(x)
     return xn @ xn.transpose(-1, -2)
@@ -142,7 +143,9 @@ def mean_squared_off_diagonal_cosine(x: torch.Tensor) -> torch.Tensor:
     Args:
         x: ``[..., n, d]``.
 
-    Reference: spec dawn §3 (L_ortho, L_div; seed 001), spec mrcogito §2 (``orthogonality``).
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), its orthogonality and
+    diversity losses; MrCogito (github.com/ksopyla/MrCogito), ``nn/loss_manager.py``
+    (``orthogonality``).
     """
     n = x.shape[-2]
     if n < 2:
@@ -164,7 +167,7 @@ def welch_floor(n: int, d: int) -> float:
     so that 0 means optimal.
 
     Reference: L. R. Welch, "Lower bounds on the maximum cross correlation of signals",
-    IEEE Trans. Inf. Theory 20(3), 1974; spec dawn §3 (31/511 ≈ 0.0607 for n=512, d=16).
+    IEEE Trans. Inf. Theory 20(3), 1974. For DAWN's pool (n=512, d=16) it is 31/511 ≈ 0.0607.
     """
     if d < 1:
         raise ValueError(f"dimension d must be >= 1, got {d}")
@@ -188,8 +191,9 @@ def orthogonality(w: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         w: ``[..., n, d]``.
         normalize: normalise rows first.
 
-    Reference: spec dawn §3 (L_ortho divides by n(n−1) instead of n²); Bansal, Chen & Wang,
-    "Can we gain more from orthogonality regularizations in training deep CNNs?", NeurIPS 2018.
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), whose orthogonality loss
+    divides by n(n−1) instead of n²; Bansal, Chen & Wang, "Can we gain more from orthogonality
+    regularizations in training deep CNNs?", NeurIPS 2018.
     """
     wn = _normalize_rows(w) if normalize else _as_float(w)
     n = wn.shape[-2]
@@ -207,7 +211,8 @@ def soft_orthogonality(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     Pairs with ``|cos| ≤ τ`` are free, which leaves room for ``n > d`` units (below the Welch
     floor no set of units has all ``|cos|`` tiny). ``n == 1`` returns 0.
 
-    Reference: spec mrcogito §2 (``soft_orthogonality``, threshold 0.1; seed 003).
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``nn/loss_manager.py``
+    (``soft_orthogonality``, threshold 0.1).
     """
     n = x.shape[-2]
     if n < 2:
@@ -236,9 +241,10 @@ def support_shortfall(x: torch.Tensor, minimum: float) -> torch.Tensor:
         x: ``[..., n, m]``; rows are units (e.g. neurons), columns what they spread over (bases).
         minimum: the target count, ``1 ≤ minimum ≤ m``.
 
-    Reference: spec dawn §3 (L_sparse, "≥ 3 bases per neuron", whose step-function count has zero
-    gradient); participation ratio as in Gao & Ganguli, "On simplicity and complexity in the brave
-    new world of large-scale neuroscience", 2015.
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), whose sparsity loss asks for
+    at least 3 bases per neuron through a step-function count that has zero gradient; participation
+    ratio as in Gao & Ganguli, "On simplicity and complexity in the brave new world of large-scale
+    neuroscience", 2015.
     """
     return torch.relu(minimum - row_participation_ratio(x)).mean()
 
@@ -250,7 +256,8 @@ def row_participation_ratio(x: torch.Tensor) -> torch.Tensor:
     ``q``; a zero row gives 0 (not NaN) with a finite gradient. Not to be confused with
     ``diagnostics.participation_ratio``, which counts the dimensions of a covariance spectrum.
 
-    Reference: spec dawn §3 (the basis count of L_sparse); Gao & Ganguli 2015.
+    Reference: DAWN v5.0 (github.com/madst0614/DAWN, commit 1356f29), the basis count of its
+    sparsity loss; Gao & Ganguli 2015.
     """
     sq = _as_float(x).pow(2)
     # A zero row has 0/0; the clamp makes it 0 with a finite gradient.
@@ -288,7 +295,8 @@ def load_balancing_loss(
             from both ``f`` and ``P``. Tiled if the router tokens are a multiple of it.
 
     Reference: Fedus, Zoph & Shazeer, "Switch Transformers", JMLR 2022 (eq. 4); Lepikhin et al.,
-    "GShard", 2020; spec moh (L_b).
+    "GShard", 2020; Jin et al., "MoH: Multi-Head Attention as Mixture-of-Head Attention", 2024,
+    arXiv:2410.11842 (its head load-balance loss).
     """
     num_experts = router_probs.shape[-1]
     probs = _as_float(router_probs).reshape(-1, num_experts)
@@ -324,7 +332,7 @@ def router_z_loss(router_logits: torch.Tensor, attention_mask: torch.Tensor | No
         attention_mask: ``[B, S]`` or ``[T]`` (tiled as in :func:`load_balancing_loss`).
 
     No kept token gives 0. Reference: Zoph et al., "ST-MoE: Designing stable and transferable
-    sparse expert models", 2022 (eq. 5); spec moh.
+    sparse expert models", 2022 (eq. 5).
     """
     logits = _as_float(router_logits).reshape(-1, router_logits.shape[-1])
     z = torch.logsumexp(logits, dim=-1).pow(2)
@@ -341,7 +349,8 @@ def routing_entropy(router_probs: torch.Tensor, attention_mask: torch.Tensor | N
     Note that per-token entropy says nothing about balance *across* tokens — use
     :func:`load_balancing_loss` for that. Range ``[0, log E]``; no kept token gives 0.
 
-    Reference: spec moh §"dynamic (entropy) loss" (seed 004); Shannon 1948.
+    Reference: Shannon 1948; the dynamic (entropy) loss of RustGPT's Mixture-of-Heads router
+    (github.com/ryancinsight/RustGPT).
     """
     probs = _as_float(router_probs).reshape(-1, router_probs.shape[-1])
     # clamp keeps log finite at p = 0 (value and gradient), where p·log p → 0 anyway.
@@ -369,7 +378,8 @@ def vicreg_variance(z: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4)
     ``N == 1``: the variance is taken as 0 (a single sample has no spread), so the value is
     the constant ``relu(γ − sqrt(ε))`` with zero gradient.
 
-    Reference: Bardes, Ponce & LeCun, "VICReg", ICLR 2022 (eq. 1); spec mrcogito §2 (``variance``).
+    Reference: Bardes, Ponce & LeCun, "VICReg", ICLR 2022 (eq. 1); MrCogito
+    (github.com/ksopyla/MrCogito), ``nn/loss_manager.py`` (``variance``).
     """
     centred = _centred_samples(z)
     n = centred.shape[0]
@@ -383,7 +393,8 @@ def vicreg_covariance(z: torch.Tensor) -> torch.Tensor:
     ``Cov = Z_cᵀ Z_c / (N − 1)`` with ``Z_c = Z − mean(Z)``, ``Z = z.reshape(-1, d)``;
     ``L = Σ_{a≠b} Cov_ab² / d``. ``N == 1`` or ``d == 1`` gives 0.
 
-    Reference: Bardes, Ponce & LeCun, "VICReg", ICLR 2022 (eq. 3-4); spec mrcogito §2 (``covariance``).
+    Reference: Bardes, Ponce & LeCun, "VICReg", ICLR 2022 (eq. 3-4); MrCogito
+    (github.com/ksopyla/MrCogito), ``nn/loss_manager.py`` (``covariance``).
     """
     centred = _centred_samples(z)
     n, d = centred.shape
@@ -439,7 +450,8 @@ def uniformity_gaussian(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     Args:
         z: ``[N, d]`` or ``[B, N, d]``.
 
-    Reference: spec mrcogito §2 (``uniformity``, τ = 2; seed 003); Wang & Isola, ICML 2020.
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``nn/loss_manager.py``
+    (``uniformity``, τ = 2); Wang & Isola, ICML 2020.
     """
     zb = _as_batched_points(z)
     n = zb.shape[-2]
@@ -483,8 +495,9 @@ def variance_uniformity(
         temperature: ``τ``.
         eps: ``ε`` inside the square root of the variance term.
 
-    Reference: spec mrcogito §2 (``combined(variance_weight=1, uniformity_weight=1,
-    temperature=2, eps)``); Bardes, Ponce & LeCun, "VICReg", ICLR 2022; Wang & Isola, ICML 2020.
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``nn/loss_manager.py``
+    (``combined(variance_weight=1, uniformity_weight=1, temperature=2, eps)``); Bardes, Ponce &
+    LeCun, "VICReg", ICLR 2022; Wang & Isola, ICML 2020.
     """
     variance = vicreg_variance(z, target_std=target_std, eps=eps)
     uniformity = uniformity_gaussian(z, t=temperature)
@@ -507,8 +520,9 @@ def nearest_neighbour_spread(z: torch.Tensor) -> torch.Tensor:
     Args:
         z: ``[N, d]`` or ``[B, N, d]``.
 
-    Reference: spec mrcogito §2 (``t_regs_mst``, there with a ``+1e9·I`` diagonal; seed 003 TODO 11b);
-    the T-REGS idea of maximising the minimum-spanning-tree length of the embeddings.
+    Reference: MrCogito (github.com/ksopyla/MrCogito), ``nn/loss_manager.py`` (``t_regs_mst``, there
+    with a ``+1e9·I`` diagonal); the T-REGS idea of maximising the minimum-spanning-tree length of
+    the embeddings.
     """
     zb = _as_batched_points(z)
     n = zb.shape[-2]
@@ -536,7 +550,8 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float 
         temperature: ``τ > 0``.
 
     Reference: van den Oord, Li & Vinyals, "Representation learning with contrastive predictive
-    coding", 2018; seed 000 (inter-block contrastive, Tier 2).
+    coding", 2018; SOSM (github.com/PlanetDestroyyer/Self-Organizing-State-Model), whose inter-block
+    contrastive term this is.
     """
     if anchors.shape != positives.shape:
         raise ValueError(f"anchors {tuple(anchors.shape)} and positives {tuple(positives.shape)} differ")

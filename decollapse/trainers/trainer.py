@@ -54,7 +54,7 @@ class DecollapseTrainingArguments(TrainingArguments):
     )
     aux_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the auxiliary weights"})
     learn_task_weight: bool = field(
-        default=False, metadata={"help": "kendall_gal only: also learn the task weight (seed 003: risky)"}
+        default=False, metadata={"help": "kendall_gal only: also learn the task weight (risky: it can shrink the task loss away)"}
     )
 
 
