@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an architecture (on the embedded corpus by default)")
     _add_run_arguments(train, "runs/<arch>-<timestamp>", "override model, training (train.*) or corpus (corpus.*) knobs")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ablate = sub.add_parser(
         "ablate", help="a grid of train runs (full factorial, optionally crossed with named cases) and one table"
@@ -43,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument(
         "--case", action="append", default=[], metavar="'KEY=V KEY2=V2'",
         help="one run's settings that belong together (repeatable); crossed with --grid when both are given",
+    )
+    ablate.add_argument(
+        "--seeds", default=None, metavar="S1,S2,...",
+        help="train every arm once per seed (train.seed: same seed, same initialisation seed and data order in "
+        "every arm); the table shows mean ± sample std (default: once, with the recipe's seed)",
+    )
+    ablate.add_argument(
+        "--control", default=None, metavar="'KEY=V ...'",
+        help="the arm the others are compared to, named by --case/--grid values that only it has; "
+        "perplexity ratios are taken per seed (paired)",
+    )
+    ablate.add_argument(
+        "--per-seed", action="store_true", help="also print every seed's values (ablation.json always has them)"
     )
 
     _add_eval_arguments(sub.add_parser(
@@ -167,6 +181,12 @@ def _cmd_train(args) -> int:
         settings = parse_assignments(args.settings)
     except SettingError as err:
         return _fail(str(err))
+    if args.no_progress:  # the bars of datasets and model loading; the runner leaves out the Trainer's
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     job = TrainJob(
         arch=args.arch,
         dataset=args.dataset,
@@ -174,13 +194,15 @@ def _cmd_train(args) -> int:
         overwrite=args.overwrite,
         settings=settings,
         max_steps=args.max_steps,
+        show_progress=not args.no_progress,
     )
     try:
         summary = run(job)
     except UsageError as err:
         return _fail(str(err))
     except NonFiniteLossError as err:
-        return _fail(f"{err}; training stopped, last good weights kept in {job.output_dir}/last-good-checkpoint")
+        kept = getattr(err, "last_good_note", "nothing kept")
+        return _fail(f"{err}; training stopped, {kept}")
     metrics = summary["metrics"]
     print(f"wrote {job.output_dir}")
     for split in ("validation", "test"):
@@ -204,7 +226,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from .ablation import AblationJob, parse_cases, parse_grid, run_ablation, to_markdown
+    from .ablation import AblationJob, parse_cases, parse_control, parse_grid, parse_seeds, run_ablation, to_markdown
     from .runner import UsageError, default_output_dir
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
@@ -213,12 +235,14 @@ def _cmd_ablate(args) -> int:
         settings = parse_assignments(args.settings)
         grid = parse_grid(args.grid) if args.grid else {}
         cases = parse_cases(args.case)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        control = parse_control(args.control) if args.control is not None else None
     except (SettingError, UsageError) as err:
         return _fail(str(err))
     output_dir = args.output_dir or default_output_dir(f"{args.arch}-ablation")
     job = AblationJob(
         arch=args.arch, grid=grid, cases=cases, output_dir=output_dir, settings=settings, max_steps=args.max_steps,
-        dataset=args.dataset, overwrite=args.overwrite,
+        dataset=args.dataset, overwrite=args.overwrite, seeds=seeds, control=control,
     )
 
     def progress(row, done, total):
@@ -233,7 +257,7 @@ def _cmd_ablate(args) -> int:
     except NonFiniteLossError as err:
         return _fail(f"{err}; the ablation stopped and wrote nothing")
     print(f"wrote {output_dir}")
-    print(to_markdown(json.loads((output_dir / "ablation.json").read_text())))
+    print(to_markdown(json.loads((output_dir / "ablation.json").read_text()), per_seed=args.per_seed))
     return 0
 
 
@@ -288,7 +312,7 @@ def _cmd_diagnose(args) -> int:
         print(report.to_markdown())
         health = health_table(report)
         if health:
-            print("\nhealth (thresholds of shared/specs/mrcogito.md §4):")
+            print("\nhealth (thresholds of MrCogito's concept analysis, github.com/ksopyla/MrCogito):")
             print(health)
         if plots:
             print(f"\nplots: {plots[0].parent}")

@@ -33,7 +33,12 @@ def write_plots(folder: Path, log_history: list[dict], report: CollapseReport) -
     return written
 
 
-def plot_losses(log_history: list[dict], path: Path) -> Path | None:
+def loss_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """The curves of ``losses.png``: name -> (steps, values), from the Trainer's ``log_history``.
+
+    The training terms come from the logs every ``logging_steps`` (``runner.plan`` lowers it for
+    short runs so that there is a curve to draw), the held-out task loss from each evaluation.
+    """
     series: dict[str, tuple[list[int], list[float]]] = {}
     for entry in log_history:
         step = entry.get("step")
@@ -46,6 +51,11 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
             xs, ys = series.setdefault("eval_loss (task)", ([], []))
             xs.append(step)
             ys.append(entry["eval_loss"])
+    return series
+
+
+def plot_losses(log_history: list[dict], path: Path) -> Path | None:
+    series = loss_series(log_history)
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

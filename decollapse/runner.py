@@ -4,7 +4,8 @@ output folder, or nothing at all.
 Everything the user typed is validated before any work starts. The run writes into a temporary
 sibling folder and renames it into place only when it is complete, so an interrupted or failed run
 never leaves a half-written output directory. The one deliberate exception is a non-finite loss: the
-last good weights are kept in ``DIR/last-good-checkpoint`` (a complete checkpoint) for inspection.
+last good state (from before the update that led to it, and finite on the probe batch) is kept in
+``DIR/last-good-checkpoint`` (a complete checkpoint) for inspection.
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ from .trainers import (
     NonFiniteLossError,
     QuietProgressCallback,
 )
+from .trainers.weighting import LossWeighting
 
 logger = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 LABEL_COLUMNS = ("domain", "word_class", "sense")
+# When logging_steps is left at its default, a short run still logs its training loss this many
+# times: with 50-step logging a 20-step run would log none, and its loss plot would be one eval dot.
+MIN_TRAIN_LOGS = 10
 
 
 class UsageError(ValueError):
@@ -53,7 +58,7 @@ class UsageError(ValueError):
 class TrainRecipe:
     """Training knobs of ``decollapse train`` (settable with ``--set``).
 
-    Defaults are the two-minute CPU recipe of ``shared/notes/corpus-calibration.md``: small batches
+    Defaults are the two-minute CPU recipe of docs/CORPUS.md (Calibration): small batches
     and many optimizer steps, because on the embedded corpus models only start inferring the domain
     after 1-2k steps.
     """
@@ -91,6 +96,7 @@ class TrainJob:
     overwrite: bool = False
     settings: dict[str, str] = field(default_factory=dict)
     max_steps: int | None = None
+    show_progress: bool = True  # the Trainer's progress bars (training and evaluation)
 
 
 def default_output_dir(arch: str) -> Path:
@@ -113,17 +119,17 @@ def plan(job: TrainJob) -> dict[str, Any]:
     recipe = TrainRecipe(**sets["train"])
     if job.max_steps is not None:
         recipe.max_steps = job.max_steps
-    if recipe.max_steps <= 0:
-        raise UsageError(f"--max-steps {recipe.max_steps}: expected a positive integer")
-    if recipe.batch_size <= 0:
-        raise UsageError(f"--set batch_size={recipe.batch_size}: expected a positive integer")
-    if not 0.0 <= recipe.deletion_rate < 1.0:
-        raise UsageError(f"--set deletion_rate={recipe.deletion_rate}: expected a number in [0, 1)")
-    if not 0.0 < recipe.min_prefix_fraction <= recipe.max_prefix_fraction < 1.0:
-        raise UsageError(
-            f"--set min_prefix_fraction={recipe.min_prefix_fraction} max_prefix_fraction="
-            f"{recipe.max_prefix_fraction}: expected 0 < min <= max < 1"
-        )
+    _check_recipe(recipe)
+    # A short run logs its training loss MIN_TRAIN_LOGS times at the default logging_steps; a value
+    # the user set is kept unless it would log nothing at all.
+    if "logging_steps" not in sets["train"] or recipe.logging_steps > recipe.max_steps:
+        lowered = min(recipe.logging_steps, max(1, recipe.max_steps // MIN_TRAIN_LOGS))
+        if "logging_steps" in sets["train"]:
+            logger.warning(
+                "logging_steps=%d is more than the %d steps of the run: logging every %d steps instead",
+                recipe.logging_steps, recipe.max_steps, lowered,
+            )
+        recipe.logging_steps = lowered
     if sets["corpus"] and job.dataset != SYNTHETIC:
         raise UsageError("corpus.* settings only apply to the embedded synthetic corpus")
     try:
@@ -132,9 +138,19 @@ def plan(job: TrainJob) -> dict[str, Any]:
         raise UsageError(str(err)) from None
     # Check the model settings now (with a placeholder vocabulary) rather than after building data.
     try:
-        arch.config_class(**sets["model"])
+        config = arch.config_class(**sets["model"])
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    seq_len, seq_knob = (
+        (corpus_config.seq_len, "corpus.seq_len") if job.dataset == SYNTHETIC else (recipe.block_size, "block_size")
+    )
+    max_positions = sets["model"].get("max_position_embeddings")
+    if max_positions is not None and max_positions < seq_len:
+        raise UsageError(
+            f"--set max_position_embeddings={max_positions}: the training sequences are {seq_len} tokens "
+            f"({seq_knob}); expected at least {seq_len}"
+        )
+    _check_aux_weights(recipe, config.aux_loss_weights)
     objective = sets["model"].get("objective", arch.objectives[0])
     if objective not in arch.objectives:
         raise UsageError(f"{arch.name} has no {objective} head; choose one of {', '.join(arch.objectives)}")
@@ -154,11 +170,12 @@ def plan(job: TrainJob) -> dict[str, Any]:
         raise UsageError(f"--dataset {job.dataset}: no such file or directory")
 
     output_dir = job.output_dir or default_output_dir(arch.name)
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise UsageError(f"--output-dir {output_dir}: exists and is not a directory")
-        if any(output_dir.iterdir()) and not job.overwrite:
-            raise UsageError(f"--output-dir {output_dir}: not empty; pass --overwrite to replace it")
+    _check_output_dir(output_dir, job.overwrite)
+    # The last word on the training knobs is transformers' own: build the arguments once now.
+    try:
+        training_arguments(recipe, output_dir / "trainer", arch)
+    except ValueError as err:
+        raise UsageError(f"--set: {str(err).splitlines()[0]}") from None
     return {
         "arch": arch,
         "recipe": recipe,
@@ -167,6 +184,149 @@ def plan(job: TrainJob) -> dict[str, Any]:
         "objective": objective,
         "output_dir": output_dir,
     }
+
+
+def _check_recipe(recipe: TrainRecipe) -> None:
+    """Each training knob against what it can mean; raises UsageError naming the first bad one."""
+    if recipe.max_steps <= 0:
+        raise UsageError(f"--max-steps {recipe.max_steps}: expected a positive integer")
+    positive_ints = ("batch_size", "eval_batch_size", "logging_steps", "eval_steps", "monitor_every", "probe_size",
+                     "block_size")
+    for name in positive_ints:
+        if getattr(recipe, name) <= 0:
+            raise UsageError(f"--set {name}={getattr(recipe, name)}: expected a positive integer")
+    for name in ("warmup_steps", "aux_warmup_steps"):
+        if getattr(recipe, name) < 0:
+            raise UsageError(f"--set {name}={getattr(recipe, name)}: expected an integer >= 0")
+    for name in ("learning_rate", "weight_decay"):
+        value = getattr(recipe, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--set {name}={value}: expected a finite number >= 0")
+    if not recipe.max_grad_norm > 0:  # also refuses nan
+        raise UsageError(f"--set max_grad_norm={recipe.max_grad_norm}: expected a number > 0 (inf: no clipping)")
+    if not 0.0 < recipe.mlm_probability <= 1.0:
+        raise UsageError(f"--set mlm_probability={recipe.mlm_probability}: expected a number in (0, 1]")
+    if not 0.0 <= recipe.deletion_rate < 1.0:
+        raise UsageError(f"--set deletion_rate={recipe.deletion_rate}: expected a number in [0, 1)")
+    if not 0.0 < recipe.min_prefix_fraction <= recipe.max_prefix_fraction < 1.0:
+        raise UsageError(
+            f"--set min_prefix_fraction={recipe.min_prefix_fraction} max_prefix_fraction="
+            f"{recipe.max_prefix_fraction}: expected 0 < min <= max < 1"
+        )
+    if not 0 <= recipe.seed < 2**32:  # numpy's seed range (set_seed seeds numpy too)
+        raise UsageError(f"--set seed={recipe.seed}: expected an integer in [0, 2**32)")
+    _check_lr_scheduler(recipe.lr_scheduler)
+    _report_to(recipe.report_to)
+
+
+def _check_lr_scheduler(name: str) -> None:
+    """The scheduler must be one transformers has and that needs no ``lr_scheduler_kwargs`` (the recipe
+    sets none): building it on a one-parameter optimizer is the check."""
+    from transformers import SchedulerType, get_scheduler
+
+    def builds(candidate: str) -> bool:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            get_scheduler(candidate, optimizer, num_warmup_steps=1, num_training_steps=2)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    if not builds(name):
+        usable = [s.value for s in SchedulerType if builds(s.value)]
+        raise UsageError(f"--set lr_scheduler={name}: expected one of {', '.join(usable)}")
+
+
+# Integrations whose availability check is not named ``is_<name without underscores>_available``.
+_AVAILABILITY_CHECKS = {"comet_ml": "is_comet_available", "flyte": "is_flytekit_available"}
+
+
+def _report_to(value: str) -> str | list[str]:
+    """``report_to`` as TrainingArguments takes it: ``none``, ``all`` (whatever is installed) or a
+    comma-separated list of integrations, each one transformers knows and, by transformers' own
+    ``is_<name>_available`` check, can use here."""
+    from transformers.integrations import integration_utils as hf
+
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if names in (["none"], ["all"]):
+        return names[0]
+    known = sorted(hf.INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in hf.INTEGRATION_TO_CALLBACK]
+    if unknown or not names:
+        shown = repr(unknown[0]) if unknown else "nothing"
+        raise UsageError(f"--set report_to={value}: {shown} is not a transformers integration; "
+                         f"expected none, all or a comma-separated list of {', '.join(known)}")
+    for name in names:
+        check = _AVAILABILITY_CHECKS.get(name, f"is_{name.replace('_', '')}_available")
+        if hasattr(hf, check) and not getattr(hf, check)():
+            raise UsageError(f"--set report_to={value}: {name} is not usable here "
+                             f"(transformers' {check}() is False: is it installed?)")
+    return names
+
+
+def _check_aux_weights(recipe: TrainRecipe, defaults: dict[str, float]) -> None:
+    """``aux_weights``, ``loss_weighting`` and ``aux_warmup_steps`` as the Trainer will combine them."""
+    overrides = recipe.aux_weights or {}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise UsageError(
+            f"--set aux_weights: unknown term(s) {', '.join(unknown)}; this model reports: "
+            f"{', '.join(sorted(defaults)) or 'no auxiliary terms'}"
+        )
+    try:
+        LossWeighting({**defaults, **overrides}, strategy=recipe.loss_weighting, warmup_steps=recipe.aux_warmup_steps)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--set: {err}") from None
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise UsageError(f"--output-dir {output_dir}: exists and is not a directory")
+        if any(output_dir.iterdir()) and not overwrite:
+            raise UsageError(f"--output-dir {output_dir}: not empty; pass --overwrite to replace it")
+    # The run is assembled in a sibling folder and renamed into place, so the nearest existing
+    # ancestor must take new folders. Permission bits do not say so for root or on read-only mounts:
+    # create (and remove) an empty folder there.
+    ancestor = output_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--output-dir {output_dir}: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".decollapse-write-check-", dir=ancestor))
+    except OSError as err:
+        raise UsageError(f"--output-dir {output_dir}: cannot create folders in {ancestor} ({err.strerror})") from None
+
+
+def training_arguments(recipe: TrainRecipe, output_dir: Path, arch=None) -> DecollapseTrainingArguments:
+    """The Trainer's arguments for a recipe; ``output_dir`` is the Trainer's scratch folder. ``arch``
+    (the registry entry) says whether DDP must look for parameters a step leaves without gradient."""
+    report_to = _report_to(recipe.report_to)
+    return DecollapseTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_steps,
+        lr_scheduler_type=recipe.lr_scheduler,
+        max_grad_norm=recipe.max_grad_norm,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+        eval_strategy="steps",
+        eval_steps=recipe.eval_steps,
+        save_strategy="no",
+        report_to=[] if report_to == "none" else report_to,
+        dataloader_num_workers=0,
+        loss_weighting=recipe.loss_weighting,
+        aux_weights=recipe.aux_weights,
+        aux_warmup_steps=recipe.aux_warmup_steps,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=arch.ddp_find_unused_parameters if arch is not None else None,
+    )
 
 
 def _looks_local(source: str) -> bool:
@@ -289,11 +449,16 @@ def run(job: TrainJob) -> dict[str, Any]:
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    guard = NonFiniteGuardCallback()
     try:
-        metrics = _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work)
-    except NonFiniteLossError:
-        _keep_last_good(model, tokenizer, output_dir, job.overwrite)
+        metrics = _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work, guard)
+    except NonFiniteLossError as err:
         shutil.rmtree(work, ignore_errors=True)
+        # What was kept travels with the error, for the one line the caller prints.
+        collator = build_collator(parts["objective"], tokenizer, recipe)
+        err.last_good, err.last_good_note = _keep_last_good(
+            model, tokenizer, guard, probe, collator, output_dir, job.overwrite
+        )
         raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -302,32 +467,10 @@ def run(job: TrainJob) -> dict[str, Any]:
     return metrics
 
 
-def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work: Path):
+def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work: Path, guard):
     recipe: TrainRecipe = parts["recipe"]
     objective = parts["objective"]
-    args = DecollapseTrainingArguments(
-        output_dir=str(work / "trainer"),
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.eval_batch_size,
-        learning_rate=recipe.learning_rate,
-        weight_decay=recipe.weight_decay,
-        warmup_steps=recipe.warmup_steps,
-        lr_scheduler_type=recipe.lr_scheduler,
-        max_grad_norm=recipe.max_grad_norm,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        logging_steps=recipe.logging_steps,
-        eval_strategy="steps",
-        eval_steps=recipe.eval_steps,
-        save_strategy="no",
-        report_to=[] if recipe.report_to == "none" else [recipe.report_to],
-        dataloader_num_workers=0,
-        loss_weighting=recipe.loss_weighting,
-        aux_weights=recipe.aux_weights,
-        aux_warmup_steps=recipe.aux_warmup_steps,
-        use_cpu=not torch.cuda.is_available(),
-    )
+    args = training_arguments(recipe, work / "trainer", parts["arch"])
     try:
         collator = build_collator(objective, tokenizer, recipe)
     except ValueError as err:
@@ -344,12 +487,12 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
             eval_dataset=validation,
             data_collator=collator,
             processing_class=tokenizer,
-            callbacks=[monitor, NonFiniteGuardCallback()],
+            callbacks=[monitor, guard],
             eval_data_collator=lambda: build_collator(objective, tokenizer, recipe),
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if trainer.pop_callback(ProgressCallback) is not None:
+    if trainer.pop_callback(ProgressCallback) is not None and job.show_progress:
         trainer.add_callback(QuietProgressCallback)
     started = time.time()
     trainer.train()
@@ -432,17 +575,66 @@ def publish(work: Path, output_dir: Path) -> None:
         work.rename(output_dir)
 
 
-def _keep_last_good(model, tokenizer, output_dir: Path, overwrite: bool) -> None:
-    """Save the weights in memory (the guard stops before any non-finite update) as a complete
-    checkpoint in DIR/last-good-checkpoint."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        logger.error("weights are already non-finite; nothing kept")
-        return
+def _keep_last_good(model, tokenizer, guard: NonFiniteGuardCallback, probe, collator, output_dir: Path,
+                    overwrite: bool):
+    """Keeps the last good state as a complete checkpoint in DIR/last-good-checkpoint.
+
+    The weights in memory when a loss goes non-finite are the ones that produced it, so the last good
+    state is the guard's snapshot from before the last update (the state whose training loss was
+    finite). It is kept only if its forward pass is finite on the probe batch too.
+    Returns (the checkpoint folder or None, one line saying what was kept or why nothing was).
+    """
+    if guard.last_good is None:
+        return None, "nothing kept: no step had a finite loss"
+    step = guard.restore_last_good(model)
+    if not _forward_is_finite(model, probe, collator):
+        return None, (
+            f"nothing kept: the weights of step {step}, the last with a finite loss, "
+            "give non-finite outputs on the probe batch"
+        )
     target = output_dir / "last-good-checkpoint"
     staging = Path(tempfile.mkdtemp(prefix=".last-good-", dir=output_dir.parent))
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    if output_dir.exists() and overwrite:
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging.rename(target)
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        save_file({k: v.contiguous() for k, v in probe.items()}, str(staging / "probe_batch.safetensors"))
+        if output_dir.exists() and overwrite:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, f"the weights of step {step} (the last with a finite loss) kept in {target}"
+
+
+def _forward_is_finite(model, probe: dict[str, torch.Tensor], collator) -> bool:
+    """Whether every floating-point output of the model on the probe batch is finite, called the way
+    a user calls it (``input_ids`` alone, for heads that work without labels) and the way the
+    training step does (the probe rows through the run's collator: masks, deletions, labels, loss)."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = probe["input_ids"]
+    batches = [{"input_ids": ids}, collator([{"input_ids": row} for row in ids.tolist()])]
+    outputs = []
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            try:
+                outputs.append(model(**batch))
+            except ValueError:
+                if i == 0:  # a head that needs labels (prefix diffusion): the collated batch has them
+                    continue
+                raise
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):  # ModelOutput is a dict too
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+
+    return all(bool(torch.isfinite(t).all()) for t in tensors(outputs) if t.is_floating_point())

@@ -5,9 +5,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from decollapse.cli import main
+from decollapse.data import SyntheticCorpusConfig, build_synthetic_corpus
+from decollapse.registry import ARCHITECTURES
+from decollapse.reporting import loss_series
+from decollapse.runner import probe_batch
 
 TINY_CORPUS = [
     "corpus.num_train=64", "corpus.num_validation=16", "corpus.num_test=16", "corpus.seq_len=32",
@@ -28,8 +33,10 @@ def _leftovers(tmp_path):
 def test_train_writes_a_complete_loadable_checkpoint(tmp_path, capsys):
     code, out = _train(tmp_path)
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "validation perplexity" in printed and "Bayes-optimal" in printed
+    assert "it/s]" in captured.err, "the Trainer's progress bars are shown by default"
     expected = {"config.json", "model.safetensors", "tokenizer.json", "metrics.json", "diagnostics.json",
                 "training_log.json", "corpus.json", "report.md", "probe_batch.safetensors", "plots"}
     assert expected <= {p.name for p in out.iterdir()}
@@ -124,15 +131,50 @@ def test_non_empty_output_dir_is_refused_unless_overwrite(tmp_path, capsys):
     assert code == 0 and not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
 
 
-def test_non_finite_loss_stops_names_the_term_and_keeps_last_good_weights(tmp_path, capsys):
-    code, out = _train(tmp_path, "learning_rate=1e30")
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_non_finite_loss_keeps_a_last_good_checkpoint_whose_forward_is_finite(tmp_path, capsys, arch):
+    """The weights in memory when the loss goes NaN are the ones that produced it; what is kept is
+    the state before that update, and its forward pass on the run's probe batch is finite."""
+    spec = ARCHITECTURES[arch]
+    tiny = ["hidden_size=32", "num_hidden_layers=2", *(f"{k}={v}" for k, v in spec.tiny.items())]
+    out = tmp_path / "run"
+    code = main(["train", arch, "--max-steps", "20", "--no-progress", "--output-dir", str(out),
+                 "--set", *TINY_CORPUS, *tiny, "learning_rate=1e30"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "'task_loss' became non-finite" in err and "last-good-checkpoint" in err
+    assert err.count("\n") == 1 and "became non-finite" in err and "last-good-checkpoint" in err
     kept = out / "last-good-checkpoint"
     assert sorted(p.name for p in out.iterdir()) == ["last-good-checkpoint"]
-    model = AutoModelForCausalLM.from_pretrained(kept)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    config = json.loads((kept / "config.json").read_text())
+    model = spec.model_for_objective(config["objective"]).from_pretrained(kept).eval()
+    corpus = build_synthetic_corpus(SyntheticCorpusConfig(num_train=64, num_validation=16, num_test=16, seq_len=32))
+    probe = probe_batch(corpus.dataset["validation"], 4)  # the run's: train.probe_size=4, same corpus seed
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    assert torch.isfinite(logits).all()
+    assert torch.equal(load_file(str(kept / "probe_batch.safetensors"))["input_ids"], probe["input_ids"]), (
+        "the probe batch is kept beside the weights, so `decollapse diagnose` works on the checkpoint"
+    )
+    assert _leftovers(tmp_path) == []
+
+
+def test_no_progress_shows_no_bars(tmp_path, capsys):
+    code, out = _train(tmp_path, "--no-progress")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "%|" not in err, err
+
+
+def test_a_run_shorter_than_the_logging_interval_still_has_a_loss_curve(tmp_path):
+    """At the default logging_steps (50) a 4-step run logged no training loss: losses.png was one
+    evaluation dot. The curve is checked on the data the plot is drawn from."""
+    out = tmp_path / "short"
+    code = main(["train", "dense", "--max-steps", "4", "--no-progress", "--output-dir", str(out), "--set",
+                 *[s for s in TINY_CORPUS if not s.startswith("train.logging_steps")]])
+    assert code == 0
+    series = loss_series(json.loads((out / "training_log.json").read_text()))
+    assert series["loss"][0] == [1, 2, 3, 4] and series["task_loss"][0] == [1, 2, 3, 4]
+    assert (out / "plots" / "losses.png").is_file()
 
 
 def test_text_dataset_trains(tmp_path, shared_data):
