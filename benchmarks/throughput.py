@@ -74,7 +74,7 @@ from decollapse.registry import ARCHITECTURES
 CORPUS_VOCAB = 2273
 
 # Shapes: "default" is the decollapse CPU recipe (d=64, 2 layers, batch 4 x 128 tokens, see
-# shared/notes/corpus-calibration.md); "medium" is a shape where matmuls dominate more.
+# docs/CORPUS.md); "medium" is a shape where matmuls dominate more.
 # Each preset also sets the timing defaults that keep one run near a minute on two CPU cores.
 PRESETS: dict[str, dict[str, int]] = {
     "default": {

@@ -1,4 +1,4 @@
-"""DAWN: what its users rely on — the design of spec dawn §2 built causal, the initialisations and
+"""DAWN: what its users rely on — the DAWN v5.0 design built causal, the initialisations and
 losses doing what they claim, and the analysis measuring what it names."""
 
 import pytest

@@ -87,7 +87,7 @@ def test_mean_squared_off_diagonal_cosine_edges():
 
 
 def test_welch_floor_values():
-    assert R.welch_floor(512, 16) == pytest.approx(31 / 511)  # spec dawn §3
+    assert R.welch_floor(512, 16) == pytest.approx(31 / 511)  # Welch bound for 512 vectors in 16 dimensions
     assert R.welch_floor(3, 2) == pytest.approx(0.25)  # (3/2 - 1) / 2
     assert R.welch_floor(4, 4) == 0.0
     assert R.welch_floor(3, 8) == 0.0

@@ -1,5 +1,6 @@
 """Configuration of ``concept``: a Perceiver-style concept encoder, C learned concept vectors that
-read a sequence through cross-attention (the MrCogito line, ``shared/specs/mrcogito.md``)."""
+read a sequence through cross-attention (the MrCogito line, github.com/ksopyla/MrCogito;
+docs/CONCEPT.md)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ class ConceptEncoderConfig(DecollapseConfig):
     ``[B, C, H]``. A decoder reads the concepts back out through cross-attention only, so every bit a
     head predicts has passed through the bottleneck.
 
-    The defaults are a CPU-sized version of the spec's H512/L6/C128 shape, sized for the embedded
-    corpus's two-minute recipe (``README``), with ``num_concepts <= hidden_size`` so that C mutually
-    orthogonal concepts are possible at all.
+    The defaults are a CPU-sized version of the H512/L6/C128 shape of MrCogito's reported runs,
+    sized for the embedded corpus's two-minute recipe (``docs/CORPUS.md``), with
+    ``num_concepts <= hidden_size`` so that C mutually orthogonal concepts are possible at all.
 
     Args:
         objective: ``"masked_lm"`` (Perceiver MLM), ``"tsdae"`` (denoising auto-encoder on 60% token
@@ -36,7 +37,7 @@ class ConceptEncoderConfig(DecollapseConfig):
             ``2 * hidden_size``.
         attention_dropout: dropout on attention probabilities.
         token_embedding_dim: width T of the token and position embeddings; ``None`` means
-            ``hidden_size``. ``T != H`` adds a ``Linear(T, H)``; ``T < H`` is the seed's "dimension
+            ``hidden_size``. ``T != H`` adds a ``Linear(T, H)``; ``T < H`` is MrCogito's "dimension
             inversion" (cheap tokens, wide concepts), ``T > H`` lets a wide pre-trained embedding table
             (e.g. 384-wide MiniLM) feed a narrow concept space.
         use_bixt: BiXT layers: tokens also cross-attend to the concepts, so later layers read

@@ -1,5 +1,5 @@
 """Configuration of ``dawn``: neurons as combinations of shared basis FFN blocks, picked per token by a
-neuron router (DAWN v5.0, ``shared/specs/dawn.md``)."""
+neuron router (DAWN v5.0, github.com/madst0614/DAWN, commit 1356f29; docs/DAWN.md)."""
 
 from __future__ import annotations
 
@@ -20,18 +20,19 @@ class DawnConfig(DecollapseConfig):
     the residual stream, and their coefficient rows (one per neuron over ``num_basis`` shared low-rank
     basis blocks) compose that token's FFN up-projection.
 
-    The defaults are a CPU-sized version of the seed's shape (spec §1 has ``hidden_size=256``,
-    ``num_neurons=512``, ``neuron_top_k=16``, ``num_basis=16``, ``basis_rank=8``, ``modulation_rank=32``,
-    ``intermediate_size=512``), sized to the embedded corpus's two-minute recipe. Two defaults depart
+    The defaults are a CPU-sized version of the original's shape (DAWN v5.0's training config has
+    ``hidden_size=256``, ``num_neurons=512``, ``neuron_top_k=16``, ``num_basis=16``, ``basis_rank=8``,
+    ``modulation_rank=32``, ``intermediate_size=512``), sized to the embedded corpus's two-minute recipe. Two defaults depart
     from v5.0 on purpose, each one knob away from the original:
 
     - ``context_residual=True``: the router's context attention also writes into the residual stream
       (through an output projection). In v5.0 the only path between tokens besides routing was the
       sequence-pooled up-projection, which is the future leak. With it removed and nothing in its
       place, the v5.0 layer (``context_residual=False, basis_rank=8, balance_weight=0``) trained to
-      1.84× the optimal perplexity, where dense reaches 1.03× (README).
+      1.84× the optimal perplexity, where dense reaches 1.03× (docs/DAWN.md).
     - ``balance_weight=0.1``: a Switch-style load-balancing term on the neuron router, as DAWN's own
-      later versions added (spec §8); without it the router leaves more than half the pool unused.
+      later versions added (v17.1 in the same repository); without it the router leaves more than
+      half the pool unused.
       ``basis_rank=32`` (v5.0 had 8; its authors called 8 a "severe bottleneck" and moved to 32).
 
     Args:
@@ -53,10 +54,10 @@ class DawnConfig(DecollapseConfig):
             the mean over the whole sequence, as the original does; it sees the future, so only the
             masked-LM objective accepts it.
         neuron_init: initialisation of the coefficient matrices ``coef_A``, ``coef_B`` (N × M).
-            ``"qr"``: the Q factor of a reduced QR decomposition of a Gaussian N × M matrix (the seed's
-            fix). ``"normal"``: i.i.d. ``N(0, 1/N)``, the same entry scale without the orthogonal
-            columns. ``"uniform"``: every row ``1/sqrt(M)`` plus ``N(0, 0.01)`` noise, the nearly
-            identical rows of the seed's collapsed "before" state.
+            ``"qr"``: the Q factor of a reduced QR decomposition of a Gaussian N × M matrix (the fix
+            DAWN v5.0 introduced). ``"normal"``: i.i.d. ``N(0, 1/N)``, the same entry scale without
+            the orthogonal columns. ``"uniform"``: every row ``1/sqrt(M)`` plus ``N(0, 0.01)`` noise, the nearly
+            identical rows of the initialisation DAWN used before that fix, whose run collapsed.
         basis_init_std: standard deviation of the basis blocks at initialisation (0.05 in the
             original, which raised it from 0.02 after a "basis collapse").
         orthogonality_weight: weight of ``router_orthogonality``, the mean squared off-diagonal
@@ -65,7 +66,7 @@ class DawnConfig(DecollapseConfig):
             ``coef_A`` and ``coef_B`` (averaged) minus its floor.
         sparsity_weight: weight of ``basis_sparsity``, ``mean_i relu(min_bases_per_neuron − PR_i)``
             with ``PR_i`` the participation ratio (effective number of bases) of coefficient row i.
-        min_bases_per_neuron: the basis count every neuron should at least use (3 in the seed).
+        min_bases_per_neuron: the basis count every neuron should at least use (3 in DAWN v5.0).
         balance_weight: weight of ``neuron_balance``, the Switch load-balancing loss of the neuron
             router (``N Σ_i f_i P_i`` over real tokens) minus 1, its value at perfect balance.
     """

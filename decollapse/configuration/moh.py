@@ -1,5 +1,6 @@
 """Configuration of ``moh``: Mixture-of-Heads attention, standard (Jin et al. 2024) and fully adaptive
-(``shared/specs/moh.md`` §8, the clean-room design; §3–§7 say what the original got wrong)."""
+(after RustGPT's router, github.com/ryancinsight/RustGPT, rebuilt so that the language-model loss
+reaches every predictor; docs/MOH.md says what differs from the original)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ class MoHConfig(DecollapseConfig):
       sampling without replacement from ``P``); the noise is scaled by a temperature annealed from
       ``gumbel_temperature_start`` to ``gumbel_temperature_end`` over ``gumbel_anneal_steps`` training
       forwards (exploration early, the deterministic router late); no noise at inference.
-    - ``"none"``: the discrete selection computed without gradient and used as a 0/1 mask, the
-      version seed 004 diagnosed. No language-model gradient reaches the router or any predictor. It
-      exists to reproduce that failure and is never a default.
+    - ``"none"``: the discrete selection computed without gradient and used as a 0/1 mask, like
+      the discrete fully adaptive router of RustGPT, whose training stalled. No language-model
+      gradient reaches the router or any predictor. It exists to reproduce that failure and is
+      never a default.
 
     Args:
         num_attention_heads: query heads per layer (H).

@@ -1,10 +1,10 @@
 """Batch collators for the denoising (TSDAE), masked-diffusion and prefix-to-suffix generation objectives.
 
-The original collators took every supplied id as content. Because the pretraining data was padded
-to 512 with ``padding="max_length"``, pad tokens became visible to the encoder and counted as
-reconstruction targets (spec §8 item 11). Here the real tokens of a row are exactly the positions
-where its own ``attention_mask`` is 1 (every position when a row has no mask), and batches are
-padded dynamically to the longest real row, so padding is never content.
+The original MrCogito collators (github.com/ksopyla/MrCogito) took every supplied id as content.
+Because their pretraining data was padded to 512 with ``padding="max_length"``, pad tokens became
+visible to the encoder and counted as reconstruction targets. Here the real tokens of a row are
+exactly the positions where its own ``attention_mask`` is 1 (every position when a row has no mask),
+and batches are padded dynamically to the longest real row, so padding is never content.
 
 Both collators follow the Hugging Face convention: a dataclass called with a list of feature dicts
 and returning ``torch.long`` tensors. Randomness comes from a private ``numpy.random.Generator``

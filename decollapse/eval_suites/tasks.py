@@ -213,7 +213,8 @@ TASKS: dict[str, Task] = {
 GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 GROUPS: dict[str, tuple[str, ...]] = {
     "glue": GLUE,
-    # The tasks seed 003 calls concept-relevant: paraphrase, similarity and entailment.
+    # Paraphrase, similarity and entailment: the tasks a sentence-level concept encoder should help
+    # with, as in MrCogito's evaluations (github.com/ksopyla/MrCogito).
     "concept": ("mrpc", "qqp", "stsb", "mnli", "sick-r", "sick-e", "paws"),
     "all": (*GLUE, "sick-r", "sick-e", "paws"),
 }

@@ -9,9 +9,9 @@ Strategies:
   losses"): one learned log-variance ``s_k`` per auxiliary term,
   ``L = L_task + r(t) * Σ_k (½ exp(−s_k) L_k + ½ s_k)``.
   ``s_k`` starts at ``−log(2 w_k)`` so the first step weighs every term exactly as ``fixed`` would.
-  The task weight stays fixed at 1 unless ``learn_task_weight=True``: seed 003 records Kendall–Gal
-  on the task term muting the masked-LM gradient (its log-variance grew until the task barely
-  counted) and driving the total loss negative. The term's optimum is ``s_k = log L_k``, which needs
+  The task weight stays fixed at 1 unless ``learn_task_weight=True``: the MrCogito repository's run
+  reports (github.com/ksopyla/MrCogito) record Kendall–Gal on the task term muting the masked-LM
+  gradient (its log-variance grew until the task barely counted) and driving the total loss negative. The term's optimum is ``s_k = log L_k``, which needs
   ``L_k > 0``: a term that can be negative (e.g. the log-form uniformity) makes ``s_k`` run away, so a
   warning is logged when one shows up.
 
