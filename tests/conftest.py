@@ -14,6 +14,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import decollapse  # noqa: E402,F401  (registers the architectures)
 from decollapse.registry import ARCHITECTURES  # noqa: E402
 
+# Prepended to the scripts that run in a fresh Python: there `import decollapse` fails, as for a Hub
+# user who never installed it, so anything loaded must come from the folder's own remote code.
+BLOCK_DECOLLAPSE = r'''
+import importlib.abc, sys
+
+class BlockDecollapse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "decollapse" or name.startswith("decollapse."):
+            raise ImportError("decollapse is blocked in this process")
+
+sys.meta_path.insert(0, BlockDecollapse())
+'''
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # The shared tiny shape; each architecture adds what it needs in its registration (`tiny=`).

@@ -26,7 +26,7 @@ from decollapse.hub_cards.export import PICKLE_SUFFIXES
 from decollapse.remote_code import ALLOWED_IMPORT_ROOTS
 from decollapse.registry import ARCHITECTURES, OBJECTIVE_AUTO_CLASSES
 
-from .conftest import SHARED_DATA, tiny_config
+from .conftest import BLOCK_DECOLLAPSE, SHARED_DATA, tiny_config
 
 IDS = torch.tensor([[5, 9, 12, 7, 30, 8, 11, 6], [14, 5, 5, 20, 9, 13, 10, 4]])
 SENTENCES = ["w5 w9 w12 w7", "w30 w8"]
@@ -36,15 +36,8 @@ HEADS = [(a, o) for a in ARCHITECTURES for o in ARCHITECTURES[a].objectives] + [
     if auto not in ("AutoModel", *OBJECTIVE_AUTO_CLASSES.values())
 ]
 
-FRESH_PROCESS = r'''
-import importlib.abc, json, os, sys
-
-class BlockDecollapse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "decollapse" or name.startswith("decollapse."):
-            raise ImportError("decollapse is blocked in this process")
-
-sys.meta_path.insert(0, BlockDecollapse())
+FRESH_PROCESS = BLOCK_DECOLLAPSE + r'''
+import json, os
 try:
     import decollapse  # noqa: F401
     blocked = False

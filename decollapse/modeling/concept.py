@@ -772,8 +772,7 @@ def _classifier_output(model, logits, labels, aux, num_items_in_batch=None) -> D
         return DecollapseSequenceClassifierOutput(logits=logits, aux_losses=aux)
     # transformers' own rule: one label -> MSE regression, integer labels -> cross-entropy, else BCE.
     task_loss = ForSequenceClassificationLoss(labels, logits, model.config)
-    # The Trainer counts one item per example (a label is never -100 here).
-    share = 1.0 if num_items_in_batch is None else labels.shape[0] / num_items_in_batch
+    share = loss_share(labels, num_items_in_batch, shifted=False)  # one counted item per example
     return DecollapseSequenceClassifierOutput(
         loss=share * combine_losses(task_loss, aux, model.config.aux_loss_weights), logits=logits, task_loss=task_loss,
         aux_losses=aux,
