@@ -131,7 +131,7 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     # by the number of accumulation steps.
     accepts_loss_kwargs = False
     # Writes the flat remote-code files and config.json's auto_map into a saved folder; set by the
-    # decollapse package (hub_cards.export) when it registers the architectures. Inside the package a
+    # decollapse registry (remote_code.write_remote_code) when it registers the architectures. Inside the package a
     # modeling file imports its configuration from another folder, which transformers' own code copy
     # (after `register_for_auto_class`) cannot follow. In an exported bundle this stays None: the
     # files there are flat already and transformers' copy works as is.
