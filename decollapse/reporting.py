@@ -5,6 +5,7 @@ matplotlib runs on the non-interactive Agg backend: this is called from training
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,55 @@ def write_plots(folder: Path, log_history: list[dict], report: CollapseReport) -
         written.append(_heatmap(name, matrix, folder / f"{_slug(name)}.png"))
     for name, values in sorted(report.distributions.items()):
         written.append(_histogram(name, values, folder / f"{_slug(name)}.png"))
+    for name, points in sorted(report.points.items()):
+        written.append(_unit_map(name, points, report.point_labels.get(name), folder / f"{_slug(name)}.png"))
     return written
+
+
+def project_2d(points) -> tuple[Any, str]:
+    """``points`` [n, d] -> ([n, 2] coordinates, the method's name): UMAP (cosine metric) when the
+    ``viz`` extra (umap-learn) is installed and there are enough points for its neighbourhood graph,
+    PCA otherwise."""
+    import numpy as np
+
+    data = points.detach().cpu().double().numpy() if hasattr(points, "detach") else np.asarray(points, float)
+    if data.shape[0] >= 8:
+        try:
+            import umap
+        except ImportError:
+            pass
+        else:
+            reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=min(15, data.shape[0] - 1),
+                                random_state=0, n_jobs=1)
+            with warnings.catch_warnings():
+                # umap says that a seed makes it single-threaded, which is what a reproducible plot wants.
+                warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+                return reducer.fit_transform(data), "UMAP"
+    centred = data - data.mean(0, keepdims=True)
+    if data.shape[0] < 2:
+        return np.zeros((data.shape[0], 2)), "PCA"
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    coords = centred @ vt[:2].T
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    return coords, "PCA"
+
+
+def _unit_map(name: str, points, labels, path: Path) -> Path:
+    """The units as points in 2-D, coloured by their label (grey: none)."""
+    coords, method = project_2d(points)
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    label_values = labels.tolist() if labels is not None else [-1] * len(coords)
+    unlabelled = [i for i, v in enumerate(label_values) if v < 0]
+    if unlabelled:
+        ax.scatter(coords[unlabelled, 0], coords[unlabelled, 1], c="lightgrey", s=14, label="unused")
+    for value in sorted({v for v in label_values if v >= 0}):
+        rows = [i for i, v in enumerate(label_values) if v == value]
+        ax.scatter(coords[rows, 0], coords[rows, 1], s=14, label=str(value))
+    if len(label_values) and max(label_values) >= 0:
+        ax.legend(fontsize=6, title="dominant label", title_fontsize=7, markerscale=0.8)
+    ax.set_title(f"{name} ({method})", fontsize=9)
+    return _save(fig, path)
 
 
 def loss_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:

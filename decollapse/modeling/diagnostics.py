@@ -43,6 +43,8 @@ __all__ = [
     "normalized_entropy",
     "dead_unit_share",
     "top_k_share",
+    "max_violation",
+    "silhouette_score",
     "mutual_information",
     "normalized_mutual_information",
     "count_homonyms",
@@ -419,6 +421,63 @@ def top_k_share(counts: torch.Tensor, k: int) -> float:
     return float(c.topk(k).values.sum()) / total
 
 
+@torch.no_grad()
+def max_violation(counts: torch.Tensor) -> float:
+    """Load imbalance of a routed group: ``MaxVio = max_u count_u / mean_u count_u − 1``.
+
+    0 = perfectly balanced; ``n − 1`` = every selection on one of ``n`` units. All-zero counts or an
+    empty vector give 0.0.
+
+    Reference: Wang et al. 2024, *Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts*,
+    arXiv:2408.15664 (the balance measure of DeepSeek-V3's router).
+    """
+    c = _non_negative_cpu_vector(counts, "counts")
+    if c.numel() == 0 or float(c.sum()) <= 0:
+        return 0.0
+    return float(c.max() / c.mean()) - 1.0
+
+
+@torch.no_grad()
+def silhouette_score(x: torch.Tensor, labels: torch.Tensor, metric: str = "cosine") -> float:
+    """Mean silhouette of points ``x`` ``[n, d]`` grouped by ``labels`` ``[n]``.
+
+    For point i in cluster A: ``a_i`` = mean distance to the other points of A, ``b_i`` = the smallest
+    mean distance to the points of another cluster, ``s_i = (b_i − a_i) / max(a_i, b_i)``; a point alone
+    in its cluster has ``s_i = 0``. Distances are ``1 − cosine`` (``metric="cosine"``) or Euclidean
+    (``"euclidean"``). Returns the mean over points in [−1, 1]; fewer than two clusters (or fewer than
+    two points) give 0.0. Matches ``sklearn.metrics.silhouette_score``.
+
+    Reference: Rousseeuw 1987, *Silhouettes: a graphical aid to the interpretation and validation of
+    cluster analysis*, J. Comput. Appl. Math. 20.
+    """
+    points = x.detach().to("cpu", torch.float64).reshape(x.shape[0], -1)
+    ids = torch.unique(labels.detach().reshape(-1).to("cpu"), return_inverse=True)[1]
+    n = points.shape[0]
+    if ids.numel() != n:
+        raise ValueError(f"x has {n} points but labels has {ids.numel()}")
+    k = int(ids.max()) + 1 if n else 0
+    if n < 2 or k < 2:
+        return 0.0
+    if metric == "cosine":
+        unit = torch.nn.functional.normalize(points, dim=-1)
+        dist = (1.0 - unit @ unit.T).clamp_min(0.0)
+    elif metric == "euclidean":
+        dist = torch.cdist(points, points)
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    members = torch.nn.functional.one_hot(ids, k).to(torch.float64)  # (n, k)
+    sizes = members.sum(0)  # (k,)
+    sums = dist @ members  # (n, k): total distance from each point to each cluster
+    own = sizes[ids]
+    a = sums.gather(1, ids[:, None]).squeeze(1) / (own - 1).clamp_min(1)
+    other = sums / sizes
+    other.scatter_(1, ids[:, None], float("inf"))
+    b = other.min(1).values
+    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    s = torch.where(own > 1, s, torch.zeros_like(s))
+    return float(s.mean())
+
+
 # --------------------------------------------------------------------------------------------
 # information between assignments and labels
 # --------------------------------------------------------------------------------------------
@@ -662,13 +721,16 @@ class CollapseReport:
     """Named collapse measurements, shared by every architecture.
 
     ``metrics`` are scalars (e.g. ``"layer0.heads.mean_abs_cosine"``), ``matrices`` 2-D tensors
-    (similarity heatmaps), ``distributions`` 1-D tensors (usage histograms). Tensors are stored
-    detached on CPU.
+    (similarity heatmaps), ``distributions`` 1-D tensors (usage histograms), ``points`` unit vectors
+    ``[n, d]`` to draw as a 2-D map (e.g. a key store) and ``point_labels`` an integer colour per
+    point of the map of the same name (-1: none). Tensors are stored detached on CPU.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     matrices: dict[str, torch.Tensor] = field(default_factory=dict)
     distributions: dict[str, torch.Tensor] = field(default_factory=dict)
+    points: dict[str, torch.Tensor] = field(default_factory=dict)
+    point_labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def update(self, other: "CollapseReport", prefix: str = "") -> "CollapseReport":
         """Merge ``other`` into this report, naming each entry ``prefix + "." + name``.
@@ -682,16 +744,24 @@ class CollapseReport:
             self.matrices[_join(prefix, name)] = mat.detach().cpu()
         for name, dist in other.distributions.items():
             self.distributions[_join(prefix, name)] = dist.detach().cpu()
+        for name, pts in other.points.items():
+            self.points[_join(prefix, name)] = pts.detach().to("cpu", torch.float32)
+        for name, labels in other.point_labels.items():
+            self.point_labels[_join(prefix, name)] = labels.detach().cpu()
         return self
 
     def to_dict(self) -> dict:
         """JSON-able dict: ``{"metrics": {name: float}, "distributions": {name: list},
-        "matrices": {name: list of lists}}``."""
-        return {
+        "matrices": {name: list of lists}}``, plus ``"points"`` and ``"point_labels"`` when there are any."""
+        out = {
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "distributions": {k: v.detach().cpu().reshape(-1).tolist() for k, v in self.distributions.items()},
             "matrices": {k: v.detach().cpu().tolist() for k, v in self.matrices.items()},
         }
+        if self.points:
+            out["points"] = {k: v.detach().cpu().tolist() for k, v in self.points.items()}
+            out["point_labels"] = {k: v.detach().cpu().reshape(-1).tolist() for k, v in self.point_labels.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollapseReport":
@@ -702,6 +772,8 @@ class CollapseReport:
             distributions={
                 k: torch.tensor(v, dtype=torch.float32) for k, v in d.get("distributions", {}).items()
             },
+            points={k: torch.tensor(v, dtype=torch.float32) for k, v in d.get("points", {}).items()},
+            point_labels={k: torch.tensor(v, dtype=torch.long) for k, v in d.get("point_labels", {}).items()},
         )
 
     def to_markdown(self) -> str:
