@@ -637,3 +637,39 @@ def test_grade_concept_health_on_concept_geometry():
     for name in ("within.effective_rank_entropy_ratio", "mean_abs_cosine", "max_signed_cosine", "uniformity"):
         assert collapsed[name] == "POOR", name
     assert collapsed["global.top1_dominance"] == "POOR" and collapsed["active_dim_fraction"] == "POOR"
+
+
+def test_max_violation_is_max_load_over_mean_load_minus_one():
+    assert D.max_violation(torch.tensor([2, 2, 2, 2])) == pytest.approx(0.0)
+    assert D.max_violation(torch.tensor([4, 0, 0, 0])) == pytest.approx(3.0)
+    assert D.max_violation(torch.tensor([3, 1, 1, 1])) == pytest.approx(1.0)
+    assert D.max_violation(torch.zeros(5)) == 0.0 and D.max_violation(torch.zeros(0)) == 0.0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_silhouette_matches_sklearn_including_singleton_clusters(metric, seed):
+    from sklearn.metrics import silhouette_score
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 6, generator=g)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    labels[0] = 7  # a cluster of one point: its silhouette is 0
+    want = silhouette_score(x.numpy(), labels.numpy(), metric=metric)
+    assert D.silhouette_score(x, labels, metric=metric) == pytest.approx(want, abs=1e-6)  # sklearn: float32
+
+
+def test_silhouette_of_one_cluster_is_zero_and_separated_clusters_score_near_one():
+    assert D.silhouette_score(torch.randn(10, 3), torch.zeros(10)) == 0.0
+    x = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(5, 1), torch.tensor([[0.0, 1.0]]).repeat(5, 1)])
+    x = x + 1e-3 * torch.randn_like(x)
+    assert D.silhouette_score(x, torch.tensor([0] * 5 + [1] * 5)) > 0.99
+
+
+def test_report_points_survive_the_json_round_trip():
+    report = D.CollapseReport()
+    group = D.CollapseReport(points={"keys": torch.randn(4, 3)}, point_labels={"keys": torch.tensor([0, 2, -1, 1])})
+    report.update(group, prefix="layer0.experts.")
+    back = D.CollapseReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    torch.testing.assert_close(back.points["layer0.experts.keys"], report.points["layer0.experts.keys"])
+    assert back.point_labels["layer0.experts.keys"].tolist() == [0, 2, -1, 1]
