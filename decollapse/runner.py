@@ -510,6 +510,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
             final[f"{split}_optimal_perplexity"] = bound
             final[f"{split}_perplexity_ratio"] = final[f"{split}_perplexity"] / bound
 
+    total = sum(p.numel() for p in model.parameters())
+    # Share of the weights that never train (SoME's expert library; 0 for the others), as a metric so
+    # that comparison tables and model cards can read it like perplexity.
+    final["frozen_parameter_share"] = sum(p.numel() for p in model.parameters() if not p.requires_grad) / total
     report = model.collapse_report(probe)
     checkpoint = work  # the folder root is the checkpoint: from_pretrained(DIR) just works
     trainer.save_model(str(checkpoint))
@@ -530,6 +534,7 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         "train_tokens": trainer.state.global_step * recipe.batch_size * len(train[0]["input_ids"]),
         "train_seconds": round(train_seconds, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "recipe": asdict(recipe),
         "settings": job.settings,
         "metrics": final,

@@ -169,6 +169,12 @@ class DecollapsePreTrainedModel(PreTrainedModel):
         ``attention_mask`` and ground-truth label columns such as ``domain`` or ``sense``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement collapse_report")
 
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Moves the state that gradients do not train (e.g. SoME's key stores), once per optimizer
+        step; returns scalars to log. Called by ``decollapse.trainers.StepUpdateCallback``, which
+        ``DecollapseTrainer`` installs. Nothing to do by default."""
+        return {}
+
     @property
     def aux_loss_weights(self) -> dict[str, float]:
         return self.config.aux_loss_weights

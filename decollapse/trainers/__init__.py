@@ -1,6 +1,12 @@
 """Training on the Hugging Face Trainer with auxiliary (anti-collapse) losses."""
 
-from .callbacks import CollapseAlarm, CollapseMonitorCallback, NonFiniteGuardCallback, QuietProgressCallback
+from .callbacks import (
+    CollapseAlarm,
+    CollapseMonitorCallback,
+    NonFiniteGuardCallback,
+    QuietProgressCallback,
+    StepUpdateCallback,
+)
 from .trainer import DecollapseTrainer, DecollapseTrainingArguments, NonFiniteLossError
 from .weighting import STRATEGIES, LossWeighting
 
@@ -14,4 +20,5 @@ __all__ = [
     "NonFiniteLossError",
     "QuietProgressCallback",
     "STRATEGIES",
+    "StepUpdateCallback",
 ]

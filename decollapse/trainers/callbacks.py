@@ -306,3 +306,36 @@ class QuietProgressCallback(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         return control
+
+
+class StepUpdateCallback(TrainerCallback):
+    """Calls ``model.after_optimizer_step()`` once after every optimizer step, and logs what it returns
+    (averaged over the steps since the last training log) with the next training log.
+
+    This is where state that is not trained by gradients moves: SoME's key stores (Knowledge Gravity),
+    usage EMAs and balance biases. The hook runs on every process at the same step, after the weights
+    were updated and before the gradients are zeroed, once per optimizer step whatever the gradient
+    accumulation. ``DecollapseTrainer`` adds it by itself; with a plain ``transformers.Trainer`` pass
+    ``callbacks=[StepUpdateCallback()]``. A model without the hook is left alone.
+    """
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._steps = 0
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        update = getattr(getattr(model, "module", model), "after_optimizer_step", None)
+        if update is None:
+            return control
+        logs = update() or {}
+        for key, value in logs.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._steps += 1 if logs else 0
+        return control
+
+    def pop_pending_logs(self) -> dict[str, float]:
+        if not self._steps:
+            return {}
+        logs = {key: value / self._steps for key, value in self._sums.items()}
+        self._sums, self._steps = {}, 0
+        return logs

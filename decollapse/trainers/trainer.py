@@ -89,6 +89,12 @@ class DecollapseTrainer(Trainer):
             warmup_steps=getattr(args, "aux_warmup_steps", 0),
             learn_task_weight=getattr(args, "learn_task_weight", False),
         ).to(args.device)
+        # State that moves outside the gradient (SoME's key stores) moves after each optimizer step.
+        # Imported here: the callbacks module imports this one.
+        from .callbacks import StepUpdateCallback
+
+        if not any(isinstance(cb, StepUpdateCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(StepUpdateCallback())
         # Our compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._train_terms: dict[str, torch.Tensor] = {}

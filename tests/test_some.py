@@ -1,0 +1,480 @@
+"""SoME: what its users rely on — the experts stay frozen and are computed exactly, only the router
+learns by gradient, Knowledge Gravity does what each of its rules says once per optimizer step,
+padding never counts, the key store survives save / load and resume, and two processes keep the same
+key store as one process at the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import GenerationConfig, Trainer, TrainingArguments
+
+from decollapse.cli import main
+from decollapse.configuration.some import SomeConfig
+from decollapse.modeling import some as some_module
+from decollapse.modeling.some import SomeForCausalLM, SomeRouter
+from decollapse.trainers import DecollapseTrainer, DecollapseTrainingArguments, StepUpdateCallback
+
+from .conftest import tiny_config, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ids(seed=0, batch=4, length=12, vocab=61):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def _router(**overrides) -> SomeRouter:
+    """A bare router over 4 experts with unit keys along the axes of a 4-d key space."""
+    config = SomeConfig(
+        **{"hidden_size": 4, "num_attention_heads": 1, "num_experts": 4, "num_experts_per_tok": 1, "key_size": 4,
+           "use_alpha": False, "use_beta": False, "use_delta": False, **overrides}
+    )
+    router = SomeRouter(config)
+    router.reset_state()
+    with torch.no_grad():
+        router.key_store.copy_(torch.eye(4))
+    return router
+
+
+def _feed(router, queries, indices, gates=None, mask=None):
+    """Accumulates statistics as a training forward would, with chosen queries and selections."""
+    queries = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=-1)
+    indices = torch.as_tensor(indices)
+    gates = torch.full(indices.shape, 1.0 / indices.shape[1]) if gates is None else torch.as_tensor(gates)
+    scores = queries @ router.keys().T
+    router._accumulate(queries, scores, indices, gates, mask)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok=5 is not allowed: expected a positive integer <= num_experts=4"),
+        ({"init_sparsity": 1.0}, "init_sparsity=1.0 is not allowed: expected a number in [0.0, 1.0)"),
+        ({"init_sparsity": -0.1}, "init_sparsity=-0.1"),
+        ({"alpha_rule": "median"}, "alpha_rule='median' is not allowed: expected one of 'mean', 'damped_sum'"),
+        ({"forget_rule": "prune"}, "forget_rule='prune' is not allowed: expected one of 'restart', 'shrink'"),
+        ({"key_update": "sgd"}, "expected one of 'gravity', 'gradient', 'frozen'"),
+        ({"balance": "aux_loss"}, "expected one of 'none', 'bias_sign'"),
+        ({"query_network": "rnn"}, "query_network='rnn'"),
+        ({"init_method": "xavier"}, "init_method='xavier'"),
+        ({"router_temperature": 0.0}, "router_temperature=0.0"),
+        ({"use_beta": "no"}, "use_beta='no' is not allowed: expected true or false"),
+    ],
+)
+def test_config_names_the_bad_field_and_what_is_allowed(overrides, message):
+    with pytest.raises(ValueError) as err:
+        SomeConfig(**overrides)
+    assert message in str(err.value)
+
+
+def test_cli_refuses_more_experts_per_token_than_experts_in_one_line_writing_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "some", "--set", "num_experts=4", "num_experts_per_tok=8", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_experts_per_tok=8" in err and "num_experts=4" in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_routing_knobs_are_not_generation_settings(tmp_path):
+    config = SomeConfig(num_experts_per_tok=3, router_temperature=0.7)
+    config.save_pretrained(tmp_path)
+    generation = GenerationConfig.from_model_config(SomeConfig.from_pretrained(tmp_path))
+    assert generation.top_k != 3 and generation.temperature != 0.7
+
+
+def test_default_model_is_more_than_95_percent_frozen():
+    config = SomeConfig(vocab_size=2273)  # the embedded corpus's vocabulary
+    with torch.device("meta"):
+        model = SomeForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen / total > 0.95
+    assert model.num_active_parameters() < total - frozen + frozen * 2 / config.num_experts + 1
+
+
+# -- experts and routing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "padded_bmm"])
+def test_experts_compute_exactly_the_selected_ffns(grouped_mm, monkeypatch):
+    model = tiny_model("some")
+    experts = model.model.layers[0].moe.experts
+    if not grouped_mm:
+        monkeypatch.setattr(some_module.F, "grouped_mm", None, raising=False)
+    x = torch.randn(10, 32)
+    indices = torch.randint(0, experts.num_experts, (10, 2))
+    got = experts(x, indices)
+    for t in range(10):
+        for slot, i in enumerate(indices[t].tolist()):
+            hidden = F.gelu(x[t] @ experts.up_proj[i] + experts.up_bias[i], approximate="tanh")
+            want = hidden @ experts.down_proj[i] + experts.down_bias[i]
+            torch.testing.assert_close(got[t, slot], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_only_the_router_and_backbone_learn_the_experts_and_gravity_keys_get_no_gradient(k):
+    model = tiny_model("some", num_experts_per_tok=k)
+    model.train()
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for layer in model.model.layers:
+        router = layer.moe.router
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.query.parameters()), (
+            f"the query network got no language-model gradient with k={k}"
+        )
+        assert all(not p.requires_grad and p.grad is None for p in layer.moe.experts.parameters())
+        assert "key_store" in dict(router.named_buffers())
+
+
+def test_gradient_keys_are_parameters_that_learn():
+    model = tiny_model("some", key_update="gradient")
+    model.train()
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    key_store = model.model.layers[0].moe.router.key_store
+    assert isinstance(key_store, torch.nn.Parameter) and key_store.grad.abs().sum() > 0
+
+
+def test_gates_follow_the_temperature_of_the_mode():
+    model = tiny_model("some", router_temperature=0.5, router_eval_temperature=2.0)
+    router = model.model.layers[0].moe.router
+    x = torch.randn(6, 32)
+    for training, temperature in ((True, 0.5), (False, 2.0)):
+        router.train(training)
+        indices, gates, queries, scores = router(x)
+        torch.testing.assert_close(gates, torch.softmax(scores.gather(-1, indices) / temperature, -1))
+        assert torch.equal(indices, scores.topk(2, dim=-1).indices)
+
+
+def test_bias_sign_balance_changes_selection_not_gates():
+    model = tiny_model("some", balance="bias_sign")
+    router = model.model.layers[0].moe.router
+    router.eval()
+    x = torch.randn(6, 32)
+    router.balance_bias.copy_(torch.tensor([10.0] + [0.0] * 7))
+    indices, gates, _, scores = router(x)
+    assert (indices == 0).any(-1).all(), "a large bias must put its expert in every selection"
+    torch.testing.assert_close(gates, torch.softmax(scores.gather(-1, indices) / 0.5, -1))
+
+
+# -- Knowledge Gravity -----------------------------------------------------------------------------
+
+
+def test_alpha_mean_moves_a_key_toward_the_gate_weighted_mean_query():
+    router = _router(use_alpha=True, alpha=0.5)
+    _feed(router, [[1.0, 1.0, 0, 0], [1.0, -1.0, 0, 0]], [[0], [0]], gates=[[0.75], [0.25]])
+    router.apply_update()
+    q = F.normalize(torch.tensor([[1.0, 1.0, 0, 0], [1.0, -1.0, 0, 0]]), dim=-1)
+    mean = (0.75 * q[0] + 0.25 * q[1]) / 1.0
+    want = F.normalize(torch.eye(4)[0] + 0.5 * (mean - torch.eye(4)[0]), dim=0)
+    torch.testing.assert_close(router.key_store[0], want)
+    torch.testing.assert_close(router.key_store[1:], torch.eye(4)[1:], msg="unselected keys must not move")
+
+
+def test_alpha_damped_sum_is_the_public_online_k_means_step():
+    router = _router(use_alpha=True, alpha=0.1, alpha_rule="damped_sum")
+    usage_before = router.usage[0].item()
+    queries = [[0.0, 1.0, 0, 0], [0.0, 0.0, 1.0, 0]]
+    _feed(router, queries, [[0], [0]])
+    router.apply_update()
+    q = torch.tensor(queries)
+    k = torch.eye(4)[0]
+    step = 0.1 / (1 + usage_before * 2) * (q - k).sum(0)
+    torch.testing.assert_close(router.key_store[0], F.normalize(k + step, dim=0))
+
+
+def test_beta_pulls_co_selected_keys_together_and_does_nothing_at_k1():
+    router = _router(use_beta=True, beta=0.2, num_experts_per_tok=2)
+    _feed(router, [[1.0, 1.0, 0, 0]], [[0, 1]])
+    router.apply_update()
+    eye = torch.eye(4)
+    torch.testing.assert_close(router.key_store[0], F.normalize(eye[0] + 0.2 * (eye[1] - eye[0]), dim=0))
+    torch.testing.assert_close(router.key_store[1], F.normalize(eye[1] + 0.2 * (eye[0] - eye[1]), dim=0))
+    single = _router(use_beta=True, beta=0.2)
+    _feed(single, [[1.0, 1.0, 0, 0]], [[0]])
+    single.apply_update()
+    torch.testing.assert_close(single.key_store, eye)
+
+
+def test_restart_reseeds_a_forgotten_key_at_the_worst_served_query():
+    router = _router(use_delta=True, forget_rule="restart", forgetting_threshold=0.5)
+    router.usage.copy_(torch.tensor([0.25, 0.25, 0.25, 0.0]))  # expert 3 is dead
+    worst = [0.6, 0.0, 0.0, -0.8]  # its best score (0.6) is the lowest of the batch
+    _feed(router, [[1.0, 0, 0, 0], [0.0, 1.0, 0.1, 0], worst], [[0], [1], [0]])
+    logs = router.apply_update()
+    torch.testing.assert_close(router.key_store[3], F.normalize(torch.tensor(worst), dim=0))
+    assert router.usage[3] == pytest.approx(0.25) and logs["forgotten"] == 1
+
+
+def test_shrink_fades_a_forgotten_key():
+    router = _router(use_delta=True, forget_rule="shrink", delta=0.25, forgetting_threshold=0.5)
+    router.usage.copy_(torch.tensor([0.25, 0.25, 0.25, 0.0]))
+    _feed(router, [[1.0, 0, 0, 0]], [[0]])
+    router.apply_update()
+    torch.testing.assert_close(router.key_store[3], 0.75 * torch.eye(4)[3])
+
+
+def test_usage_is_an_ema_of_each_experts_share_of_tokens():
+    router = _router(ema_decay=0.9)
+    _feed(router, [[1.0, 0, 0, 0]] * 3 + [[0, 1.0, 0, 0]], [[0], [0], [0], [1]])
+    router.apply_update()
+    share = torch.tensor([0.75, 0.25, 0.0, 0.0])
+    torch.testing.assert_close(router.usage, 0.9 * torch.full((4,), 0.25) + 0.1 * share)
+
+
+@pytest.mark.parametrize("key_update", ["frozen", "gradient"])
+def test_controls_never_move_keys_by_heuristics(key_update):
+    router = _router(key_update=key_update, use_alpha=True, use_beta=True, use_delta=True)
+    before = router.key_store.detach().clone()
+    _feed(router, [[1.0, 1.0, 0, 0]], [[0]])
+    router.apply_update()
+    torch.testing.assert_close(router.key_store.detach(), before)
+
+
+def test_bias_sign_moves_the_bias_against_the_load_error():
+    router = _router(balance="bias_sign", balance_rate=0.01)
+    _feed(router, [[1.0, 0, 0, 0]] * 3, [[0], [0], [1]])
+    router.apply_update()
+    # loads 2, 1, 0, 0 against a mean of 0.75: the two loaded experts go down, the idle two up
+    torch.testing.assert_close(router.balance_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
+
+
+def test_padding_never_counts_in_statistics_or_key_updates():
+    torch.manual_seed(0)
+    ids = _ids(batch=2, length=8)
+    padded = torch.cat([torch.zeros(2, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    stores = []
+    for batch in ({"input_ids": ids}, {"input_ids": padded, "attention_mask": mask}):
+        model = tiny_model("some")
+        model.train()
+        model(**batch)
+        routers = [m for m in model.modules() if isinstance(m, SomeRouter)]
+        assert routers[0]._pending.tokens.item() == ids.numel()
+        model.after_optimizer_step()
+        stores.append([(r.key_store.clone(), r.usage.clone()) for r in routers])
+    for (keys_a, usage_a), (keys_b, usage_b) in zip(*stores):
+        torch.testing.assert_close(keys_a, keys_b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(usage_a, usage_b)
+
+
+def test_evaluation_and_generation_leave_the_key_store_alone():
+    model = tiny_model("some")
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model(input_ids=_ids())
+    model.generate(_ids(batch=1, length=4), max_new_tokens=3, do_sample=False)
+    assert model.after_optimizer_step() == {}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+# -- training: once per optimizer step, checkpoints, resume -----------------------------------------
+
+
+def _dataset(n=16, length=12):
+    return Dataset.from_dict({"input_ids": _ids(seed=1, batch=n, length=length).tolist()})
+
+
+def _collate(features):
+    ids = torch.tensor([f["input_ids"] for f in features])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, seed=0,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+        train_sampling_strategy="sequential",
+    )
+    values.update(overrides)
+    return values
+
+
+def _key_stores(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items() if ".router." in name
+            and not name.endswith(("weight", "bias"))}
+
+
+def test_keys_move_once_per_optimizer_step_whatever_the_accumulation(tmp_path):
+    stores = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model = tiny_model("some")
+        trainer = Trainer(
+            model=model, args=TrainingArguments(**_args(tmp_path / f"{batch}", per_device_train_batch_size=batch,
+                                                        gradient_accumulation_steps=accumulation)),
+            train_dataset=_dataset(), data_collator=_collate, callbacks=[StepUpdateCallback()],
+        )
+        trainer.train()
+        routers = [m for m in model.modules() if isinstance(m, SomeRouter)]
+        assert all(int(r.updates) == 4 for r in routers)
+        stores.append(_key_stores(model))
+    for name in stores[0]:
+        torch.testing.assert_close(stores[0][name].float(), stores[1][name].float(), atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_decollapse_trainer_moves_keys_and_logs_gravity(tmp_path):
+    model = tiny_model("some")
+    before = _key_stores(model)
+    trainer = DecollapseTrainer(
+        model=model, args=DecollapseTrainingArguments(**_args(tmp_path)), train_dataset=_dataset(),
+        data_collator=_collate,
+    )
+    trainer.train()
+    after = _key_stores(model)
+    moved = [name for name in before if name.endswith("key_store") and not torch.equal(before[name], after[name])]
+    assert moved, "no key store moved in training"
+    logged = [entry for entry in trainer.state.log_history if "gravity/key_shift" in entry]
+    assert len(logged) == 4 and all(entry["gravity/key_shift"] > 0 for entry in logged)
+
+
+def test_every_buffer_survives_save_and_from_pretrained(tmp_path):
+    model = tiny_model("some", balance="bias_sign")
+    trainer = DecollapseTrainer(
+        model=model, args=DecollapseTrainingArguments(**_args(tmp_path / "t")), train_dataset=_dataset(),
+        data_collator=_collate,
+    )
+    trainer.train()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = SomeForCausalLM.from_pretrained(tmp_path / "saved")
+    buffers = dict(model.named_buffers())
+    assert {"key_store", "usage", "balance_bias", "updates"} <= {name.rsplit(".", 1)[-1] for name in buffers}
+    for name, value in loaded.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    assert int(dict(loaded.named_buffers())["model.layers.0.moe.router.updates"]) == 4
+    for name, value in loaded.named_parameters():
+        assert torch.equal(value, dict(model.named_parameters())[name]), name
+
+
+def test_resume_from_checkpoint_continues_the_key_store(tmp_path):
+    def trainer(folder, **overrides):
+        torch.manual_seed(0)
+        return DecollapseTrainer(
+            model=tiny_model("some"), args=DecollapseTrainingArguments(**_args(folder, **overrides)),
+            train_dataset=_dataset(), data_collator=_collate,
+        )
+
+    straight = trainer(tmp_path / "straight", save_strategy="steps", save_steps=2)
+    straight.train()
+    # A fresh process would start from a fresh model: the key store must come from the checkpoint.
+    resumed = trainer(tmp_path / "resumed", save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    want, got = _key_stores(straight.model), _key_stores(resumed.model)
+    assert int(got["model.layers.0.moe.router.updates"]) == 4
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), atol=1e-5, rtol=1e-5, msg=name)
+
+
+# -- data parallel -----------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from datasets import Dataset
+    import decollapse
+    from decollapse.registry import ARCHITECTURES
+    from decollapse.trainers import DecollapseTrainer, DecollapseTrainingArguments
+
+    out, batch = sys.argv[1], int(sys.argv[2])
+    arch = ARCHITECTURES["some"]
+    torch.manual_seed(0)
+    config = arch.config_class(hidden_size=32, num_hidden_layers=2, max_position_embeddings=32, vocab_size=61,
+                               **arch.tiny)
+    model = arch.model_for_objective("causal_lm")(config)
+    g = torch.Generator().manual_seed(1)
+    data = Dataset.from_dict({"input_ids": torch.randint(3, 61, (16, 12), generator=g).tolist()})
+
+    def collate(features):
+        ids = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    args = DecollapseTrainingArguments(
+        output_dir=out, max_steps=3, per_device_train_batch_size=batch, learning_rate=1e-2, seed=0,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential",
+    )
+    trainer = DecollapseTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    trainer.train()
+    state = {k: v for k, v in model.state_dict().items() if ".router." in k and not k.endswith(("weight", "bias"))}
+    torch.save(state, f"{out}/rank{args.process_index}.pt")
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_key_stores_equal_to_one_process_at_the_same_global_batch(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    runs = [
+        [sys.executable, str(script), str(one), "4"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), str(two), "2"],
+    ]
+    for command in runs:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single = torch.load(one / "rank0.pt")
+    rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    assert single["model.layers.0.moe.router.updates"] == 3
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the two ranks"
+        torch.testing.assert_close(rank0[name].float(), single[name].float(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -- what is measured ---------------------------------------------------------------------------------
+
+
+def test_collapse_report_names_the_headline_metrics_and_keeps_the_key_map():
+    model = tiny_model("some")
+    ids = _ids()
+    report = model.collapse_report(
+        {"input_ids": ids, "domain": torch.randint(0, 3, ids.shape), "word_class": torch.randint(0, 5, ids.shape)}
+    )
+    for i in range(2):
+        for name in ("usage_gini", "usage_gini_mass", "dead_share", "max_violation", "normalized_entropy",
+                     "nmi_domain", "nmi_word_class", "query_silhouette", "effective_rank_entropy", "mean_abs_cosine"):
+            assert f"layer{i}.experts.{name}" in report.metrics, name
+        assert report.points[f"layer{i}.experts.key_store"].shape == (8, 32)
+        labels = report.point_labels[f"layer{i}.experts.key_store"]
+        assert labels.shape == (8,) and labels.min() >= -1 and labels.max() < 3
+
+
+@pytest.mark.slow
+def test_train_writes_frozen_share_headline_names_and_the_key_map(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "some", "--max-steps", "6", "--output-dir", str(out), "--no-progress", "--set",
+            "corpus.num_train=64", "corpus.num_validation=16", "corpus.num_test=16", "corpus.seq_len=32",
+            "eval_steps=6", "num_experts=16", "expert_intermediate_size=32"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    share = metrics["metrics"]["frozen_parameter_share"]
+    assert 0 < share < 1 and metrics["trainable_parameters"] == round(metrics["num_parameters"] * (1 - share))
+    names = json.loads((out / "diagnostics.json").read_text())["metrics"]
+    for i in range(2):
+        for name in ("usage_gini", "usage_gini_mass", "dead_share", "max_violation"):
+            assert f"layer{i}.experts.{name}" in names
+    assert (out / "plots" / "layer0_experts_key_store.png").is_file()
+    assert (out / "plots" / "layer0_experts_usage_share.png").is_file()
