@@ -4,6 +4,7 @@
     python benchmarks/throughput.py dense --preset medium      # a bigger shape
     python benchmarks/throughput.py dense --objective masked_lm --json /tmp/dense_mlm.json
     python benchmarks/throughput.py dawn                       # dawn vs dense and GPT-2 of matched size
+    python benchmarks/throughput.py some                       # some vs dense of matched active size
 
 What it measures (``benchmarks/README.md`` has the long form):
 
@@ -16,7 +17,10 @@ What it measures (``benchmarks/README.md`` has the long form):
     reference, the last two at the architecture's width, depth, heads, vocabulary and sequence length
     with the MLP width (``intermediate_size``) that brings dense's total parameter count closest to
     the architecture's (dense's count is affine in it: counted at two widths, solved, rounded). So the
-    reference is "GPT-2 (or BERT) of matched size". Target: architecture/dense-matched >= 0.70x.
+    reference is "GPT-2 (or BERT) of matched size". A routed architecture whose model has
+    ``num_active_parameters()`` (SoME) is matched on the parameters one token uses instead, since
+    most of its parameters sit in experts a token does not run. Target: architecture/dense-matched
+    >= 0.70x.
   ``--set`` overrides apply to the architecture under test only; dense and the reference copy the
   shape read back from its built config (so ``--set hidden_size=...`` moves all of them).
   The models are timed in **interleaved rounds in one process**, the order rotated each round
@@ -518,11 +522,11 @@ def render(result: dict[str, typing.Any]) -> str:
         lines.append(
             f"matched size: dense and {result['reference']} at mlp={matched['intermediate_size']}"
             + (f" ({arch}'s own mlp={arch_mlp})" if arch_mlp is not None else "")
-            + f", the width at which dense's total parameter count comes closest to {arch}'s; "
-            f"--set applies to {arch} only"
+            + f", the width at which dense's total parameter count comes closest to {arch}'s "
+            f"{matched['matched_on']}; --set applies to {arch} only"
         )
         lines.append(
-            f"  total params: {arch} {matched['arch_params']:,} | dense {matched['dense_params']:,} "
+            f"  {matched['matched_on']}: {arch} {matched['arch_params']:,} | dense {matched['dense_params']:,} "
             f"({100 * (matched['dense_params'] / matched['arch_params'] - 1):+.3f}%) | "
             f"{result['reference']} {matched['reference_params']:,}"
         )
@@ -649,8 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     matched = None
     if args.arch != "dense":
         # dense and the reference at the architecture's shape, with the MLP width that matches its
-        # total parameter count (--set overrides stay with the architecture under test).
-        arch_params = count_params(dec_model)[0]
+        # total parameter count, or its *active* count per token for a routed architecture whose
+        # model says how many parameters a token uses (SoME: all but the experts it is not routed
+        # to). --set overrides stay with the architecture under test.
+        active = getattr(dec_model, "num_active_parameters", None)
+        arch_params = active() if active is not None else count_params(dec_model)[0]
         ref["intermediate_size"] = matched_intermediate_size(args.objective, ref, arch_params)
         torch.manual_seed(args.seed)
         dense_model = build_decollapse("dense", args.objective, ref, {"intermediate_size": ref["intermediate_size"]})
@@ -659,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             "intermediate_size": ref["intermediate_size"],
             "arch_intermediate_size": getattr(dec_model.config, "intermediate_size", None),
             "arch_params": arch_params,
+            "matched_on": "active parameters per token" if active is not None else "total parameters",
             "dense_params": count_params(dense_model)[0],
         }
     torch.manual_seed(args.seed)

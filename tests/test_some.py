@@ -61,7 +61,8 @@ def _feed(router, queries, indices, gates=None, mask=None):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok=5 is not allowed: expected a positive integer <= num_experts=4"),
+        ({"num_experts": 4, "num_experts_per_tok": 5},
+         "num_experts_per_tok=5 is not allowed: expected a positive integer <= num_experts=4"),
         ({"init_sparsity": 1.0}, "init_sparsity=1.0 is not allowed: expected a number in [0.0, 1.0)"),
         ({"init_sparsity": -0.1}, "init_sparsity=-0.1"),
         ({"alpha_rule": "median"}, "alpha_rule='median' is not allowed: expected one of 'mean', 'damped_sum'"),
@@ -80,11 +81,21 @@ def test_config_names_the_bad_field_and_what_is_allowed(overrides, message):
     assert message in str(err.value)
 
 
-def test_cli_refuses_more_experts_per_token_than_experts_in_one_line_writing_nothing(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["num_experts=4", "num_experts_per_tok=8"],
+         "num_experts_per_tok=8 is not allowed: expected a positive integer <= num_experts=4"),
+        (["init_method=sparse", "init_sparsity=1.5"],
+         "init_sparsity=1.5 is not allowed: expected a number in [0.0, 1.0)"),
+        (["forget_rule=forget"], "forget_rule='forget' is not allowed: expected one of 'restart', 'shrink'"),
+    ],
+)
+def test_cli_refuses_bad_some_settings_in_one_line_writing_nothing(tmp_path, capsys, settings, message):
     out = tmp_path / "run"
-    assert main(["train", "some", "--set", "num_experts=4", "num_experts_per_tok=8", "--output-dir", str(out)]) == 2
+    assert main(["train", "some", "--set", *settings, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "num_experts_per_tok=8" in err and "num_experts=4" in err, err
+    assert err.count("\n") == 1 and message in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
