@@ -76,7 +76,8 @@ import umap
 
 folder = Path(sys.argv[1])
 data = np.load(folder / "points.npy")
-reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=min(15, len(data) - 1), random_state=0, n_jobs=1)
+neighbours = min(15, len(data) - 1)
+reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=neighbours, random_state=0, n_jobs=1)
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # seeded: one thread
     np.save(folder / "coords.npy", reducer.fit_transform(data))

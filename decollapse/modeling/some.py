@@ -47,6 +47,7 @@ from .diagnostics import (
     normalized_mutual_information,
     silhouette_score,
     unit_report,
+    usage_counts,
 )
 from .outputs import DecollapseModelOutput
 
@@ -120,13 +121,12 @@ class SomeExperts(nn.Module):
 
 @dataclass
 class SomeRouting:
-    """One layer's routing of a batch: expert ids and gate weights ``(B, T, k)``, unit queries
-    ``(B, T, d_key)`` (float32) and the raw scores ``q · k`` of every expert ``(B, T, N)``."""
+    """One layer's routing of a batch: expert ids and gate weights ``(B, T, k)`` and unit queries
+    ``(B, T, d_key)`` (float32)."""
 
     indices: torch.Tensor
     gates: torch.Tensor
     queries: torch.Tensor
-    scores: torch.Tensor
 
 
 class RoutingStatistics:
@@ -339,14 +339,13 @@ class SomeLayer(nn.Module):
         batch, seq_len, width = hidden_states.shape
         flat = hidden_states.reshape(-1, width)
         mask = token_mask.reshape(-1) if token_mask is not None else None
-        indices, gates, queries, scores = self.router(flat, mask)
+        indices, gates, queries, _ = self.router(flat, mask)
         outputs = self.experts(flat, indices)  # (n, k, d)
         mixed = (outputs * gates.unsqueeze(-1).to(outputs.dtype)).sum(1)
         routing = SomeRouting(
             indices.view(batch, seq_len, -1),
             gates.view(batch, seq_len, -1),
             queries.view(batch, seq_len, -1),
-            scores.view(batch, seq_len, -1),
         )
         return mixed.view(batch, seq_len, width), routing
 
@@ -449,7 +448,7 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
             routing = routings[i]
             indices, gates = routing.indices[valid], routing.gates[valid]  # (n_tokens, k)
             top1 = indices.gather(-1, gates.argmax(-1, keepdim=True)).squeeze(-1)
-            counts = torch.bincount(indices.reshape(-1), minlength=n)
+            counts = usage_counts(indices, n)
             mass = torch.zeros(n, device=gates.device).index_add_(0, indices.reshape(-1), gates.reshape(-1).float())
             keys = layer.moe.router.keys()
             group = unit_report(vectors=keys, counts=counts)
