@@ -120,20 +120,54 @@ def test_default_model_is_more_than_95_percent_frozen():
 # -- experts and routing ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "padded_bmm"])
-def test_experts_compute_exactly_the_selected_ffns(grouped_mm, monkeypatch):
+@pytest.mark.parametrize("path", ["grouped_mm", "padded_bmm"])
+def test_experts_compute_exactly_the_selected_ffns_and_their_input_gradient(path, monkeypatch):
     model = tiny_model("some")
     experts = model.model.layers[0].moe.experts
-    if not grouped_mm:
-        monkeypatch.setattr(some_module.F, "grouped_mm", None, raising=False)
-    x = torch.randn(10, 32)
+    # Force the path: no padding allowed (grouped matmul), or any padding allowed (one bmm).
+    monkeypatch.setattr(some_module, "_MAX_PADDING_FACTOR", 0 if path == "grouped_mm" else float("inf"))
+    x = torch.randn(10, 32, requires_grad=True)
     indices = torch.randint(0, experts.num_experts, (10, 2))
+    counts = torch.bincount(indices.reshape(-1), minlength=experts.num_experts)
+    assert experts.uses_padding(counts, x.dtype, x.device) == (path == "padded_bmm")
     got = experts(x, indices)
-    for t in range(10):
-        for slot, i in enumerate(indices[t].tolist()):
-            hidden = F.gelu(x[t] @ experts.up_proj[i] + experts.up_bias[i], approximate="tanh")
-            want = hidden @ experts.down_proj[i] + experts.down_bias[i]
-            torch.testing.assert_close(got[t, slot], want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(got)
+    (grad_got,) = torch.autograd.grad((got * upstream).sum(), x)
+    want = torch.stack([
+        torch.stack([
+            F.gelu(x[t] @ experts.up_proj[i] + experts.up_bias[i], approximate="tanh") @ experts.down_proj[i]
+            + experts.down_bias[i]
+            for i in indices[t].tolist()
+        ])
+        for t in range(10)
+    ])
+    (grad_want,) = torch.autograd.grad((want * upstream).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_collapsed_router_does_not_pad_the_expert_matmul_to_its_busiest_expert():
+    experts = tiny_model("some").model.layers[0].moe.experts
+    n = experts.num_experts
+    collapsed = torch.zeros(n).index_fill_(0, torch.tensor([0]), 4 * n)  # padding would be n x the real rows
+    balanced = torch.full((n,), 4)
+    assert not experts.uses_padding(collapsed, torch.float32, torch.device("cpu"))
+    assert experts.uses_padding(balanced, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "padded_bmm"])
+def test_mixed_precision_training_step_runs_the_experts_in_one_dtype(path, monkeypatch):
+    # Under bf16 autocast the expert inputs arrive in float32 (after the LayerNorm) and the experts must
+    # run forward and backward in the one dtype they were given, whichever path computes them.
+    monkeypatch.setattr(some_module, "_MAX_PADDING_FACTOR", 0 if path == "grouped_mm" else float("inf"))
+    model = tiny_model("some")
+    model.train()
+    ids = _ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.model.layers[0].moe.router.query.parameters())
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -219,6 +253,15 @@ def test_beta_pulls_co_selected_keys_together_and_does_nothing_at_k1():
     _feed(single, [[1.0, 1.0, 0, 0]], [[0]])
     single.apply_update()
     torch.testing.assert_close(single.key_store, eye)
+
+
+def test_coselection_counts_every_pair_of_experts_a_token_selected_together():
+    router = _router(use_beta=True, num_experts_per_tok=3)
+    g = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(4, generator=g)[:3] for _ in range(50)])
+    _feed(router, torch.randn(50, 4, generator=g), indices)
+    selected = torch.zeros(50, 4).scatter_(1, indices, 1.0)
+    torch.testing.assert_close(router._pending.coselection, (selected.T @ selected).fill_diagonal_(0.0))
 
 
 def test_restart_reseeds_a_forgotten_key_at_the_worst_served_query():

@@ -58,36 +58,55 @@ logger = logging.get_logger(__name__)
 _STALE_FORWARDS = 1000
 
 
-def _grouped_linear(
-    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, expert_of: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """``inputs[p] @ weight[expert_of[p]] + bias[expert_of[p]]`` for rows already grouped by expert
-    (``expert_of`` sorted), ``weight`` (N, fan_in, fan_out).
+# On CPU, ``grouped_mm`` runs one small matmul per expert (about 10 µs each, whatever the rows), so one
+# ``bmm`` over a zero-padded (N, capacity, d) tensor is faster until the padding outweighs the real rows
+# several times over. A collapsed router (one expert taking most tokens) would make that tensor huge, so
+# past this factor the grouped path runs.
+_MAX_PADDING_FACTOR = 4
 
-    One grouped matmul (``torch.nn.functional.grouped_mm``) where PyTorch has one for this device and
-    dtype (CPU; bfloat16 on CUDA); otherwise the rows are scattered into a zero-padded
-    (N, max count, fan_in) tensor for one ``bmm``, which wastes the padding but never loops in Python.
+
+class _PaddedExpertFFN(torch.autograd.Function):
+    """The frozen experts' FFN for every (token, expert) pair on a zero-padded ``(N, capacity, ·)`` layout,
+    with a hand-written backward for the input only (the experts are frozen).
+
+    Pair ``p`` (token ``p // k``) sits at row ``slots[p]`` of the flattened layout; the slots are unique,
+    so moving rows in and out is an ``index_copy`` / ``index_select`` both ways, where autograd's
+    versions of the same ops would scatter-add. The padding rows compute ``gelu(b1)``, which no pair reads.
     """
-    grouped_mm = getattr(F, "grouped_mm", None)
-    if grouped_mm is not None and (inputs.device.type == "cpu" or inputs.dtype == torch.bfloat16):
-        out = grouped_mm(inputs, weight.to(inputs.dtype), offs=counts.cumsum(0).to(torch.int32))
-    else:
-        starts = counts.cumsum(0) - counts
-        row = torch.arange(inputs.shape[0], device=inputs.device) - starts[expert_of]
-        padded = inputs.new_zeros(weight.shape[0], int(counts.max()), inputs.shape[-1])
-        padded = padded.index_put((expert_of, row), inputs)
-        out = torch.bmm(padded, weight.to(inputs.dtype))[expert_of, row]
-    return out + bias[expert_of].to(out.dtype)
+
+    @staticmethod
+    def forward(ctx, hidden_states, slots, k, capacity, up_proj, up_bias, down_proj, down_bias):
+        n, width = up_proj.shape[0], hidden_states.shape[-1]
+        pairs = hidden_states.unsqueeze(1).expand(-1, k, -1).reshape(-1, width)
+        padded = pairs.new_zeros(n * capacity, width).index_copy_(0, slots, pairs).view(n, capacity, width)
+        # In the inputs' dtype, as the backward (which autocast never reaches) will be.
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            pre = torch.baddbmm(up_bias.unsqueeze(1), padded, up_proj)
+            out = torch.baddbmm(down_bias.unsqueeze(1), F.gelu(pre, approximate="tanh"), down_proj)
+        ctx.save_for_backward(slots, pre, up_proj, down_proj)
+        ctx.k = k
+        return out.view(n * capacity, -1).index_select(0, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slots, pre, up_proj, down_proj = ctx.saved_tensors
+        n, capacity, _ = pre.shape
+        padded = grad.new_zeros(n * capacity, grad.shape[-1]).index_copy_(0, slots, grad).view(n, capacity, -1)
+        grad_pre = torch.ops.aten.gelu_backward(padded.bmm(down_proj.transpose(1, 2)), pre, approximate="tanh")
+        grad_pairs = grad_pre.bmm(up_proj.transpose(1, 2)).view(n * capacity, -1).index_select(0, slots)
+        grad_tokens = grad_pairs.view(-1, ctx.k, grad_pairs.shape[-1]).sum(1)
+        return grad_tokens, None, None, None, None, None, None, None
 
 
 class SomeExperts(nn.Module):
     """``num_experts`` frozen FFNs ``E_i(x) = W2_i · gelu(W1_i · x + b1_i) + b2_i``, computed for the
     selected (token, expert) pairs only.
 
-    The pairs are sorted by expert and each projection is one grouped matmul over all experts (see
-    :func:`_grouped_linear`): no Python loop over tokens or experts, and no work for the experts a
-    token was not routed to. Weights are stored input-major (``W1: N × d × d_ffn``), the layout a
-    grouped matmul reads.
+    Each projection is one batched matmul over all experts, no Python loop over tokens or experts and no
+    work for the experts a token was not routed to: a ``bmm`` over the pairs laid out in a zero-padded
+    ``(N, capacity, ·)`` tensor (:class:`_PaddedExpertFFN`), or, where padding would cost more than it
+    saves, one ``grouped_mm`` over the pairs sorted by expert (a real kernel on CUDA in bfloat16).
+    Weights are stored input-major (``W1: N × d × d_ffn``), the layout both read.
     """
 
     def __init__(self, config: SomeConfig):
@@ -107,12 +126,31 @@ class SomeExperts(nn.Module):
         order = torch.argsort(flat, stable=True)
         expert_of = flat[order]
         counts = torch.bincount(flat, minlength=self.num_experts)
-        inputs = hidden_states[order // k]  # (P, d), grouped by expert
-        inner = F.gelu(_grouped_linear(inputs, self.up_proj, self.up_bias, expert_of, counts), approximate="tanh")
-        out = _grouped_linear(inner, self.down_proj, self.down_bias, expert_of, counts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return out[inverse].view(n_tokens, k, -1)
+        dtype = hidden_states.dtype
+        weights = [w.to(dtype) for w in (self.up_proj, self.up_bias, self.down_proj, self.down_bias)]
+        if self.uses_padding(counts, dtype, hidden_states.device):
+            capacity = int(counts.max())
+            starts = counts.cumsum(0) - counts
+            rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[expert_of]
+            slots = torch.empty_like(order).index_copy_(0, order, expert_of * capacity + rank_in_expert)
+            out = _PaddedExpertFFN.apply(hidden_states, slots, k, capacity, *weights)
+            return out.view(n_tokens, k, -1)
+        up_proj, up_bias, down_proj, down_bias = weights
+        offsets = counts.cumsum(0).to(torch.int32)
+        inputs = hidden_states.index_select(0, order // k)  # (P, d), grouped by expert
+        inner = F.grouped_mm(inputs, up_proj, offs=offsets) + up_bias.index_select(0, expert_of)
+        out = F.grouped_mm(F.gelu(inner, approximate="tanh"), down_proj, offs=offsets)
+        out = out + down_bias.index_select(0, expert_of)
+        return torch.empty_like(out).index_copy(0, order, out).view(n_tokens, k, -1)
+
+    def uses_padding(self, counts: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the padded ``bmm`` (rather than ``grouped_mm``) computes pairs with these per-expert counts."""
+        if getattr(F, "grouped_mm", None) is None:
+            return True
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            return False
+        total = int(counts.sum())
+        return total > 0 and counts.numel() * int(counts.max()) <= _MAX_PADDING_FACTOR * total
 
     def per_token_parameters(self, k: int) -> int:
         """Parameters one token's forward touches: ``k`` experts' weights and biases."""
@@ -135,12 +173,19 @@ class RoutingStatistics:
     Sums add up over micro-batches and over processes; the restart candidates are the ``capacity``
     worst-served queries (lowest best score), whose merge keeps the lowest over all of them. Both
     merges give the same result whether a step's batch was seen by one process or split over many.
+    Only what the configured update reads is accumulated; the rest stays zero (controls whose keys do
+    not move by heuristics keep counts and gate mass only).
     """
 
     SUMS = ("tokens", "counts", "mass", "query_sum", "weighted_query_sum", "coselection")
 
-    def __init__(self, num_experts: int, key_size: int, device: torch.device):
-        n = num_experts
+    def __init__(self, config: SomeConfig, device: torch.device):
+        n, key_size = config.num_experts, config.key_size
+        gravity = config.key_update == "gravity"
+        self.track_query_sum = gravity and config.use_alpha and config.alpha_rule == "damped_sum"
+        self.track_weighted_query_sum = gravity and config.use_alpha and config.alpha_rule == "mean"
+        self.track_coselection = gravity and config.use_beta and config.num_experts_per_tok > 1
+        self.track_candidates = gravity and config.use_delta and config.forget_rule == "restart"
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
         self.tokens = zeros(1)
         self.counts = zeros(n)  # selections of expert i
@@ -158,12 +203,20 @@ class RoutingStatistics:
         self.tokens += queries.shape[0]
         self.counts += torch.bincount(flat, minlength=n).float()
         self.mass.index_add_(0, flat, gates.reshape(-1))
-        self.query_sum.index_add_(0, flat, queries.repeat_interleave(k, 0))
-        weighted = gates.unsqueeze(-1) * queries.unsqueeze(1)  # (n, k, dk)
-        self.weighted_query_sum.index_add_(0, flat, weighted.reshape(-1, queries.shape[-1]))
-        selected = torch.zeros(queries.shape[0], n, device=queries.device).scatter_(1, indices, 1.0)
-        self.coselection += (selected.T @ selected).fill_diagonal_(0.0)
-        self.merge_candidates(best, queries)
+        if self.track_query_sum:
+            self.query_sum.index_add_(0, flat, queries.repeat_interleave(k, 0))
+        if self.track_weighted_query_sum:
+            weighted = gates.unsqueeze(-1) * queries.unsqueeze(1)  # (n, k, dk)
+            self.weighted_query_sum.index_add_(0, flat, weighted.reshape(-1, queries.shape[-1]))
+        if self.track_coselection:
+            # every ordered pair (i, j), i != j, of each token's k experts, counted as one bincount
+            rows = indices.unsqueeze(-1).expand(-1, k, k)
+            cols = indices.unsqueeze(-2).expand(-1, k, k)
+            off_diagonal = ~torch.eye(k, dtype=torch.bool, device=indices.device)
+            pairs = (rows * n + cols)[:, off_diagonal]
+            self.coselection += torch.bincount(pairs.reshape(-1), minlength=n * n).view(n, n).float()
+        if self.track_candidates:
+            self.merge_candidates(best, queries)
 
     def merge_candidates(self, scores: torch.Tensor, queries: torch.Tensor) -> None:
         scores = torch.cat([self.candidate_scores, scores])
@@ -261,7 +314,7 @@ class SomeRouter(nn.Module):
         if token_mask is not None:  # padding never counts: not in usage, not in key updates
             queries, scores, indices, gates = (t[token_mask] for t in (queries, scores, indices, gates))
         if self._pending is None:
-            self._pending = RoutingStatistics(self.config.num_experts, self.config.key_size, queries.device)
+            self._pending = RoutingStatistics(self.config, queries.device)
         self._pending.add(queries.detach(), scores.max(-1).values, indices, gates.detach())
         self._stale_forwards += 1
         if self._stale_forwards == _STALE_FORWARDS:
@@ -277,7 +330,7 @@ class SomeRouter(nn.Module):
         Knowledge Gravity (or nothing, for gradient-trained and frozen keys) and the balance bias.
         Returns what happened, for logging."""
         c = self.config
-        stats = self._pending or RoutingStatistics(c.num_experts, c.key_size, self.usage.device)
+        stats = self._pending or RoutingStatistics(c, self.usage.device)
         self._pending, self._stale_forwards = None, 0
         stats.all_reduce()  # every process must call this at the same step, with or without tokens
         tokens = float(stats.tokens)
