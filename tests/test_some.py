@@ -517,6 +517,16 @@ def test_collapse_report_names_the_headline_metrics_and_keeps_the_key_map():
         assert labels.shape == (8,) and labels.min() >= -1 and labels.max() < 3
 
 
+def test_training_usage_gini_reads_the_load_the_router_was_trained_under():
+    model = tiny_model("some")
+    router = model.model.layers[0].moe.router
+    router.usage.copy_(torch.tensor([2.0, 0, 0, 0, 0, 0, 0, 0]))  # every selection went to expert 0 (Σ = k)
+    ids = _ids()
+    report = model.collapse_report({"input_ids": ids})
+    assert report.metrics["layer0.experts.training_usage_gini"] == pytest.approx(7 / 8)
+    assert report.metrics["layer1.experts.training_usage_gini"] == pytest.approx(0.0)  # a new layer: uniform
+
+
 @pytest.mark.slow
 def test_train_writes_frozen_share_headline_names_and_the_key_map(tmp_path):
     out = tmp_path / "run"

@@ -429,6 +429,7 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
     collapse_headline = {
         "usage Gini (max layer)": ("layer*.experts.usage_gini", "max"),
         "usage Gini by gate mass (max layer)": ("layer*.experts.usage_gini_mass", "max"),
+        "training-load Gini (max layer)": ("layer*.experts.training_usage_gini", "max"),
         "MaxVio (max layer)": ("layer*.experts.max_violation", "max"),
         "dead experts (max layer)": ("layer*.experts.dead_share", "max"),
         "NMI top-1 expert vs domain (mean)": ("layer*.experts.nmi_domain", "mean"),
@@ -472,7 +473,7 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
     @torch.no_grad()
     def collapse_report(self, batch: dict[str, torch.Tensor]) -> CollapseReport:
         """Per layer, group ``experts``: usage share, Gini by count (``usage_gini``) and by gate mass
-        (``usage_gini_mass``), normalised entropy, dead share, MaxVio (``max_violation``); similarity and
+        (``usage_gini_mass``) on the batch, Gini of the training usage EMA (``training_usage_gini``), normalised entropy, dead share, MaxVio (``max_violation``); similarity and
         effective rank of the key store; NMI of each token's top-1 expert with ``domain`` and
         ``word_class`` (when given); the silhouette of the queries grouped by top-1 expert. The key
         store itself, coloured by the domain each expert serves most, is kept for the 2-D map."""
@@ -508,6 +509,10 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
             group.metrics["usage_gini"] = group.metrics["gini"]
             group.metrics["usage_gini_mass"] = gini(mass)
             group.metrics["max_violation"] = max_violation(counts)
+            # The training load the balancer steers (usage EMA over the last ~1 / (1 - ema_decay) steps),
+            # beside the probe's snapshot: a router that moves every step can be balanced over time and
+            # unbalanced at any one moment, and only the snapshot is the model a user runs.
+            group.metrics["training_usage_gini"] = gini(layer.moe.router.usage)
             group.metrics["query_silhouette"] = silhouette_score(routing.queries[valid], top1)
             for name, labels in (("domain", domain), ("word_class", word_class)):
                 if labels is None:
