@@ -473,8 +473,9 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
     @torch.no_grad()
     def collapse_report(self, batch: dict[str, torch.Tensor]) -> CollapseReport:
         """Per layer, group ``experts``: usage share, Gini by count (``usage_gini``) and by gate mass
-        (``usage_gini_mass``) on the batch, Gini of the training usage EMA (``training_usage_gini``), normalised entropy, dead share, MaxVio (``max_violation``); similarity and
-        effective rank of the key store; NMI of each token's top-1 expert with ``domain`` and
+        (``usage_gini_mass``) on the batch, Gini of the training usage EMA (``training_usage_gini``),
+        normalised entropy, dead share, MaxVio (``max_violation``); similarity and effective rank of the
+        key store; NMI of each token's top-1 expert with ``domain`` and
         ``word_class`` (when given); the silhouette of the queries grouped by top-1 expert. The key
         store itself, coloured by the domain each expert serves most, is kept for the 2-D map."""
         base: SomeModel = self.base_model
