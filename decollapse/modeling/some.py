@@ -58,10 +58,10 @@ logger = logging.get_logger(__name__)
 _STALE_FORWARDS = 1000
 
 
-# On CPU, ``grouped_mm`` runs one small matmul per expert (about 10 µs each, whatever the rows), so one
-# ``bmm`` over a zero-padded (N, capacity, d) tensor is faster until the padding outweighs the real rows
-# several times over. A collapsed router (one expert taking most tokens) would make that tensor huge, so
-# past this factor the grouped path runs.
+# On CPU, ``grouped_mm`` runs one small matmul per expert (8 µs each in ``benchmarks/throughput.py some
+# --profile``), so one ``bmm`` over a zero-padded (N, capacity, d) tensor is faster until the padding
+# outweighs the real rows several times over. A collapsed router (one expert taking most tokens) would
+# make that tensor huge, so past this factor the grouped path runs.
 _MAX_PADDING_FACTOR = 4
 
 
