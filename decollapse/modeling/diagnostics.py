@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .regularizers import pairwise_cosine, uniformity_gaussian
 
@@ -49,6 +50,8 @@ __all__ = [
     "normalized_mutual_information",
     "count_homonyms",
     "homonym_separation",
+    "homonym_report",
+    "within_unit_cosine",
     "coactivation_strong_pairs",
     "jensen_shannon_divergence",
     "CollapseReport",
@@ -625,6 +628,92 @@ def homonym_separation(hidden: torch.Tensor, surface_ids: torch.Tensor, sense_id
     if not per_surface:
         return 0.0
     return sum(per_surface) / len(per_surface)
+
+
+@torch.no_grad()
+def homonym_report(hidden: torch.Tensor, surface_ids: torch.Tensor, sense_ids: torch.Tensor) -> dict[str, float]:
+    """:func:`homonym_separation` beside the two baselines that say what it means on these states.
+
+    Contextual states are anisotropic (Ethayarajh 2019): any two centroids have a high cosine, and
+    ``1 − cos`` between centroids measures noise and word identity as much as sense. So on the same
+    states:
+
+    * ``same_sense_baseline``: each sense of each homonym with ``≥ 2`` occurrences, its occurrences
+      split in two halves (alternating, in order), ``1 − cos`` of the half centroids, averaged. What
+      separation looks like when there is no sense difference at all. Half centroids average fewer
+      states than sense centroids, so this baseline is, if anything, too high: a conservative margin.
+    * ``random_pair_baseline``: ``1 − cos`` between the centroids of two different surface tokens,
+      averaged over every pair of surface tokens present. What separation looks like between words.
+    * ``margin = separation − same_sense_baseline``: the part of the separation that is sense.
+
+    Also ``homonyms``: the homonyms present (surfaces with ``≥ 2`` senses), and
+    ``same_sense_groups``. A baseline with nothing to average is 0. Deterministic (no sampling).
+
+    Args:
+        hidden: ``[T, d]`` or ``[B, S, d]``; surface_ids, sense_ids: one integer per state.
+
+    Reference: Ethayarajh, "How Contextual are Contextualized Word Representations?", EMNLP 2019;
+    Timkey & van Schijndel, "All Bark and No Bite: Rogue Dimensions...", EMNLP 2021.
+    """
+    h = hidden.detach()
+    h = h.reshape(-1, h.shape[-1]).to(_work_dtype(h))
+    surface = surface_ids.detach().reshape(-1).long().to(h.device)
+    sense = sense_ids.detach().reshape(-1).long().to(h.device)
+    if surface.numel() != h.shape[0] or sense.numel() != h.shape[0]:
+        raise ValueError(f"{surface.numel()} surface and {sense.numel()} sense ids for {h.shape[0]} states")
+    out = {
+        "separation": homonym_separation(h, surface, sense),
+        "homonyms": float(count_homonyms(surface, sense)),
+    }
+    groups, inverse = _sense_groups(surface, sense)
+    same: list[float] = []
+    if groups.shape[0]:
+        _, senses_per_surface = torch.unique(groups[:, 0], return_counts=True, sorted=True)
+        homonym_surfaces = torch.unique(groups[:, 0], sorted=True)[senses_per_surface >= 2]
+        for g in range(groups.shape[0]):
+            if not bool((homonym_surfaces == groups[g, 0]).any()):
+                continue
+            rows = (inverse == g).nonzero().squeeze(1)
+            if rows.numel() < 2:
+                continue
+            first, second = h[rows[0::2]].mean(0), h[rows[1::2]].mean(0)
+            same.append(1.0 - float(pairwise_cosine(torch.stack([first, second]))[0, 1]))
+    out["same_sense_groups"] = float(len(same))
+    out["same_sense_baseline"] = sum(same) / len(same) if same else 0.0
+    words, word_of = torch.unique(surface, return_inverse=True)
+    if words.numel() >= 2:
+        sums = torch.zeros(words.numel(), h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, word_of, h)
+        centroids = sums / torch.bincount(word_of, minlength=words.numel()).to(h.dtype).unsqueeze(1)
+        out["random_pair_baseline"] = float((1.0 - _upper_pairs(pairwise_cosine(centroids))).mean())
+    else:
+        out["random_pair_baseline"] = 0.0
+    out["margin"] = out["separation"] - out["same_sense_baseline"]
+    return out
+
+
+@torch.no_grad()
+def within_unit_cosine(units: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Per unit, the mean cosine between the two ends of each edge: ``c_u = mean_(i,j) cos(x_iu, x_ju)``.
+
+    With ``units`` a token state's blocks and ``edges`` the attention graph's token pairs, this is
+    the "block similarity" the SOSM repository reported (its ``analyze_provenance`` tool): how alike
+    one block is *across connected tokens*. It is not a similarity *between* blocks (that is
+    :func:`linear_cka_matrix`); a value near 1 mostly says the states are anisotropic.
+
+    Args:
+        units: ``[N, U, d]`` (item, unit, feature).
+        edges: ``[E, 2]`` item index pairs.
+
+    Returns:
+        ``[U]``; zeros when there is no edge.
+    """
+    x = units.detach().to(_work_dtype(units))
+    if edges.numel() == 0:
+        return torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    edges = edges.to(x.device).long()
+    a, b = x[edges[:, 0]], x[edges[:, 1]]  # [E, U, d]
+    cos = (F.normalize(a, dim=-1, eps=1e-8) * F.normalize(b, dim=-1, eps=1e-8)).sum(-1)
+    return cos.mean(0)
 
 
 @torch.no_grad()
