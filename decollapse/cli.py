@@ -1,4 +1,4 @@
-"""The ``decollapse`` command line: ``train``, ``ablate``, ``eval``, ``diagnose``, ``export``, ``card``, ``push``, ``list``.
+"""The ``decollapse`` command line: ``train``, ``ablate``, ``eval``, ``diagnose``, ``homonyms``, ``export``, ``card``, ``push``, ``list``.
 
 Bad input gets one line on stderr and exit code 2; nothing is left half-written.
 """
@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("checkpoint", type=Path)
     diagnose.add_argument("--plots-dir", type=Path, default=None, help="default: CHECKPOINT/plots")
     diagnose.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    homonyms = sub.add_parser(
+        "homonyms", help="sense separation of five English homonyms in a causal LM's contextual states, with baselines"
+    )
+    homonyms.add_argument("model_dir", type=Path, help="a causal LM folder (AutoModelForCausalLM + a fast tokenizer)")
+    homonyms.add_argument("--contexts", type=Path, default=None,
+                          help="a contexts JSON file (default: decollapse's own, 5 words x 2 senses x 4 sentences)")
+    homonyms.add_argument("--output", type=Path, default=None, help="write the full result (with continuations) as JSON")
+    homonyms.add_argument("--max-new-tokens", type=int, default=8,
+                          help="greedy continuation length after each homonym (0: none; default 8)")
 
     sweep = sub.add_parser(
         "recursive-sweep", help="held-out loss and concept rank of a recursive encoder at each K (test-time compute)"
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "ablate": _cmd_ablate,
         "eval": _cmd_eval,
         "diagnose": _cmd_diagnose,
+        "homonyms": _cmd_homonyms,
         "recursive-sweep": _cmd_recursive_sweep,
         "export": _cmd_export,
         "card": _cmd_card,
@@ -317,6 +329,80 @@ def _cmd_diagnose(args) -> int:
         if plots:
             print(f"\nplots: {plots[0].parent}")
     return 0
+
+
+def _cmd_homonyms(args) -> int:
+    from .homonyms import load_contexts, score_homonym_contexts
+
+    if args.max_new_tokens < 0:
+        return _fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.model_dir.is_dir():
+        return _fail(f"{args.model_dir}: no such folder")
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        # Checked before the model runs, so a typo costs nothing.
+        return _fail(f"{args.output}: not a file in an existing folder")
+    try:
+        load_contexts(args.contexts)  # a bad file is refused before the model loads
+    except ValueError as err:
+        return _fail(str(err))
+    try:
+        model, tokenizer = _load_causal_lm(args.model_dir)
+    except ValueError as err:
+        return _fail(str(err))
+    try:
+        result = score_homonym_contexts(model, tokenizer, args.contexts, max_new_tokens=args.max_new_tokens)
+    except ValueError as err:
+        return _fail(f"{args.model_dir}: {err}")
+    m = result["metrics"]
+    print(f"homonyms: {int(m['homonyms'])} words, {result['sentences']} sentences ({result['contexts']})")
+    print("| metric | value |\n|---|---|")
+    for key in ("separation", "same_sense_baseline", "margin", "random_pair_baseline"):
+        print(f"| {key} | {m[key]:.4f} |")
+    print("\n| word | separation |\n|---|---|")
+    for word, value in result["per_word"].items():
+        print(f"| {word} | {value:.4f} |")
+    if result["continuations_skipped"]:
+        print(f"\ncontinuations skipped: {result['continuations_skipped']}")
+    if args.output is not None:
+        tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, args.output)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _load_causal_lm(folder: Path):
+    """A folder's tokenizer and causal LM, or ValueError (one line) when it holds none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json, not a model folder")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # One line below instead of transformers' load-report table and a bar for a small folder.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder}: no loadable causal LM and tokenizer ({first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if info.get("missing_keys"):
+        # A head initialised at load time (a BERT folder read as BertLMHeadModel, say) would be scored
+        # as if it were trained.
+        raise ValueError(
+            f"{folder}: weights missing for {type(model).__name__} (e.g. {sorted(info['missing_keys'])[0]}), "
+            "not a trained causal LM"
+        )
+    return model.eval(), tokenizer
 
 
 def _cmd_recursive_sweep(args) -> int:
