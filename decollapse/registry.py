@@ -66,6 +66,11 @@ class Architecture:
             objective -> model class name.
         tiny: config overrides that make a model of a few thousand parameters for unit tests, on top
             of the shared tiny shape (hidden 32, 2 layers, 32 positions, 61 tokens).
+        variants: named overrides on top of ``tiny`` for settings that change what attends to what (a
+            contextual state, a token graph, …). The contract tests of causality and padding
+            invariance run on each variant as well as on ``tiny``, so a setting cannot leak unnoticed.
+        probe_size: validation rows the collapse report of ``decollapse train`` reads by default (more
+            for measurements that need many occurrences, such as homonym baselines).
         ddp_find_unused_parameters: whether a training step can leave a trainable parameter without a
             gradient (e.g. a router that skips units). DDP must then look for unused parameters; a
             contract test checks the declared value against a real step.
@@ -80,6 +85,8 @@ class Architecture:
     limitations: str
     extra_heads: dict[str, str] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    probe_size: int = 16
     ddp_find_unused_parameters: bool = False
     package: str = "decollapse"
 
@@ -140,6 +147,8 @@ def register_architecture(
     limitations: str,
     extra_heads: dict[str, str] | None = None,
     tiny: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
+    probe_size: int = 16,
     ddp_find_unused_parameters: bool = False,
     package: str = "decollapse",
 ) -> Architecture:
@@ -175,6 +184,8 @@ def register_architecture(
         limitations=limitations,
         extra_heads=dict(extra_heads or {}),
         tiny=dict(tiny or {}),
+        variants={label: dict(overrides) for label, overrides in (variants or {}).items()},
+        probe_size=probe_size,
         ddp_find_unused_parameters=ddp_find_unused_parameters,
         package=package,
     )

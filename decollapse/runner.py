@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import DataCollatorForLanguageModeling, set_seed
@@ -78,7 +79,7 @@ class TrainRecipe:
     aux_warmup_steps: int = 0
     aux_weights: dict[str, float] | None = None
     monitor_every: int = 1000
-    probe_size: int = 16
+    probe_size: int | None = None  # validation rows the collapse report reads; None: the architecture's
     stop_on_alarm: bool = False
     mlm_probability: float = 0.15
     deletion_rate: float = 0.6
@@ -190,7 +191,9 @@ def _check_recipe(recipe: TrainRecipe) -> None:
     """Each training knob against what it can mean; raises UsageError naming the first bad one."""
     if recipe.max_steps <= 0:
         raise UsageError(f"--max-steps {recipe.max_steps}: expected a positive integer")
-    positive_ints = ("batch_size", "eval_batch_size", "logging_steps", "eval_steps", "monitor_every", "probe_size",
+    if recipe.probe_size is not None and recipe.probe_size <= 0:
+        raise UsageError(f"--set probe_size={recipe.probe_size}: expected a positive integer")
+    positive_ints = ("batch_size", "eval_batch_size", "logging_steps", "eval_steps", "monitor_every",
                      "block_size")
     for name in positive_ints:
         if getattr(recipe, name) <= 0:
@@ -321,6 +324,9 @@ def training_arguments(recipe: TrainRecipe, output_dir: Path, arch=None) -> Deco
         save_strategy="no",
         report_to=[] if report_to == "none" else report_to,
         dataloader_num_workers=0,
+        # The runner selects the columns itself; the Trainer's own pruning would drop label columns a
+        # model reads through **kwargs (SOSM's auxiliary heads).
+        remove_unused_columns=False,
         loss_weighting=recipe.loss_weighting,
         aux_weights=recipe.aux_weights,
         aux_warmup_steps=recipe.aux_warmup_steps,
@@ -364,9 +370,34 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
     return corpus.dataset, corpus.tokenizer, None
 
 
-def build_model(parts: dict[str, Any], tokenizer, seq_len: int):
+def supervised_columns(parts: dict[str, Any], train) -> dict[str, Any]:
+    """Model settings completed for the label columns the model trains on (e.g. SOSM's tier-3 heads):
+    each column must be in the training data (UsageError naming it and the columns there are), and
+    its class count is read from the data unless set."""
     arch = parts["arch"]
     settings = dict(parts["model_settings"])
+    config = arch.config_class(**settings)
+    columns = getattr(config, "aux_label_columns", ())
+    if not columns:
+        return settings
+    missing = [column for column in columns if column not in train.column_names]
+    if missing:
+        raise UsageError(
+            f"the model trains auxiliary heads on label column(s) {', '.join(map(repr, missing))}, which the "
+            f"dataset lacks (its columns: {', '.join(train.column_names)}); set aux_heads to columns it has, "
+            "or aux_head_weight=0"
+        )
+    classes = dict(getattr(config, "aux_head_classes", None) or {})
+    for column in columns:
+        if column not in classes:
+            classes[column] = int(np.asarray(train.with_format("numpy", columns=[column])[column]).max()) + 1
+    settings["aux_head_classes"] = classes
+    return settings
+
+
+def build_model(parts: dict[str, Any], tokenizer, seq_len: int, train=None):
+    arch = parts["arch"]
+    settings = supervised_columns(parts, train) if train is not None else dict(parts["model_settings"])
     settings.setdefault("max_position_embeddings", seq_len)
     fields = {f.name for f in dataclasses.fields(arch.config_class)}
     if "mask_token_id" in fields and tokenizer.mask_token_id is not None:
@@ -444,8 +475,8 @@ def run(job: TrainJob) -> dict[str, Any]:
     set_seed(recipe.seed)
     dataset, tokenizer, corpus_summary = load_data(job, parts)
     seq_len = len(dataset["train"][0]["input_ids"])
-    model = build_model(parts, tokenizer, seq_len)
-    probe = probe_batch(dataset["validation"], recipe.probe_size)
+    model = build_model(parts, tokenizer, seq_len, dataset["train"])
+    probe = probe_batch(dataset["validation"], recipe.probe_size or parts["arch"].probe_size)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
@@ -475,7 +506,7 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         collator = build_collator(objective, tokenizer, recipe)
     except ValueError as err:
         raise UsageError(f"--set: {err}") from None
-    keep = ["input_ids"]
+    keep = ["input_ids", *model.aux_label_columns]
     train = dataset["train"].select_columns(keep)
     validation = dataset["validation"].select_columns(keep)
     monitor = CollapseMonitorCallback(probe, every_n_steps=recipe.monitor_every, stop_on_alarm=recipe.stop_on_alarm)

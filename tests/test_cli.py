@@ -136,7 +136,8 @@ def test_non_finite_loss_keeps_a_last_good_checkpoint_whose_forward_is_finite(tm
     """The weights in memory when the loss goes NaN are the ones that produced it; what is kept is
     the state before that update, and its forward pass on the run's probe batch is finite."""
     spec = ARCHITECTURES[arch]
-    tiny = ["hidden_size=32", "num_hidden_layers=2", *(f"{k}={v}" for k, v in spec.tiny.items())]
+    tiny = ["hidden_size=32", "num_hidden_layers=2",
+            *(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in spec.tiny.items())]
     out = tmp_path / "run"
     code = main(["train", arch, "--max-steps", "20", "--no-progress", "--output-dir", str(out),
                  "--set", *TINY_CORPUS, *tiny, "learning_rate=1e30"])

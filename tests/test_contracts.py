@@ -21,11 +21,24 @@ MASKED = [a for a in ARCHITECTURES if "masked_lm" in ARCHITECTURES[a].objectives
 ALL_HEADS = [(a, o) for a in ARCHITECTURES for o in ARCHITECTURES[a].objectives if o in OBJECTIVE_AUTO_CLASSES]
 
 
-@pytest.mark.parametrize("arch", CAUSAL)
-def test_causal_lm_cannot_see_the_future(arch):
+# Each architecture's tiny model and each of its registered variants (settings that change what
+# attends to what), so that no setting can leak the future or read padding unnoticed.
+CAUSAL_VARIANTS = [
+    pytest.param(a, v, id=f"{a}-{v}" if v else a)
+    for a in CAUSAL
+    for v in ["", *ARCHITECTURES[a].variants]
+]
+
+
+def _variant(arch: str, variant: str) -> dict:
+    return ARCHITECTURES[arch].variants[variant] if variant else {}
+
+
+@pytest.mark.parametrize("arch,variant", CAUSAL_VARIANTS)
+def test_causal_lm_cannot_see_the_future(arch, variant):
     """Logits at position t are unchanged when any token after t changes (the leak behind the DAWN
     repository's retracted perplexity)."""
-    model = tiny_model(arch).eval()
+    model = tiny_model(arch, **_variant(arch, variant)).eval()
     torch.manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (2, 24))
     base = model(input_ids=ids).logits
@@ -37,10 +50,10 @@ def test_causal_lm_cannot_see_the_future(arch):
         assert not torch.allclose(logits[:, t + 1 :], base[:, t + 1 :]), "future tokens should change later logits"
 
 
-@pytest.mark.parametrize("arch", CAUSAL)
-def test_causal_lm_is_padding_invariant(arch):
+@pytest.mark.parametrize("arch,variant", CAUSAL_VARIANTS)
+def test_causal_lm_is_padding_invariant(arch, variant):
     """Left padding (masked) leaves the real tokens' logits unchanged."""
-    model = tiny_model(arch).eval()
+    model = tiny_model(arch, **_variant(arch, variant)).eval()
     ids = torch.randint(3, model.config.vocab_size, (2, 12))
     base = model(input_ids=ids).logits
     padded = torch.cat([torch.zeros(2, 5, dtype=torch.long), ids], dim=1)
@@ -90,7 +103,9 @@ def test_loss_is_task_plus_weighted_aux_terms(arch, objective):
     labels = ids.clone()
     if objective == "masked_lm":
         labels[:, ::2] = -100
-    out = model(input_ids=ids, labels=labels)
+    # A model trained with ground-truth label columns (e.g. SOSM's auxiliary heads) declares them.
+    columns = {c: torch.randint(-1, 4, ids.shape) for c in getattr(model, "aux_label_columns", ())}
+    out = model(input_ids=ids, labels=labels, **columns)
     assert set(out.aux_losses) == set(weights)
     expected = out.task_loss + sum(0.5 * v for v in out.aux_losses.values())
     torch.testing.assert_close(out.loss, expected)

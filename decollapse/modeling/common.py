@@ -179,6 +179,13 @@ class DecollapsePreTrainedModel(PreTrainedModel):
     def aux_loss_weights(self) -> dict[str, float]:
         return self.config.aux_loss_weights
 
+    @property
+    def aux_label_columns(self) -> tuple[str, ...]:
+        """Ground-truth label columns a training batch must carry (passed to ``forward`` by name), for
+        architectures whose auxiliary terms are supervised (the configuration's ``aux_label_columns``).
+        ``decollapse train`` keeps them in the training data and refuses a dataset that lacks one."""
+        return tuple(getattr(self.config, "aux_label_columns", ()))
+
 
 class TokenStemMixin:
     """The input stem of the token models (dense, dawn, moh): ``self.embed_tokens``, learned absolute
