@@ -185,6 +185,9 @@ def test_block_mean_orthogonality_is_zero_at_its_floor_of_48_for_16_blocks_of_4(
     assert block_mean_orthogonality(units).item() == pytest.approx(0.0, abs=1e-5)
     random = torch.randn(50, 16, 4)
     assert block_mean_orthogonality(random).item() > 0.0
+    routed_away = tight.unsqueeze(0).expand(3, 16, 4).clone()
+    routed_away[:, 12:] = 0.0  # four blocks never kept: still never below its floor
+    assert block_mean_orthogonality(routed_away).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_linear_cka_is_one_for_rotated_and_scaled_copies_and_near_zero_for_independent_blocks():
@@ -196,6 +199,9 @@ def test_linear_cka_is_one_for_rotated_and_scaled_copies_and_near_zero_for_indep
     assert cka[0, 1].item() == pytest.approx(1.0, abs=1e-5)
     assert cka[0, 2].item() < 0.01
     assert cka[0, 3].item() == 0.0 and cka[3, 3].item() == 1.0
+    units.requires_grad_(True)
+    mean_off_diagonal_cka(units).backward()
+    assert torch.isfinite(units.grad).all(), "a zero-variance block must not make the gradient NaN"
     assert mean_off_diagonal_cka(units[:, :2]).item() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -230,6 +236,18 @@ def test_an_aux_head_reads_only_its_blocks():
     assert touched == {"K", "C2"}
 
 
+def test_a_batch_without_a_single_label_gives_finite_terms_and_gradients():
+    """One-token rows leave the reconstruction groups g >= 1 nothing to name, and labels of -1 leave
+    the heads nothing to predict: the terms are 0, never NaN, and so are their gradients."""
+    model = tiny_model("sosm", aux_head_weight=1.0, reconstruction_weight=1.0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 1))
+    columns = {c: torch.full(ids.shape, -1) for c in model.aux_label_columns}
+    out = model(input_ids=ids, labels=ids, **columns)
+    assert out.aux_losses["aux_heads"].item() == 0.0 and torch.isfinite(out.aux_losses["reconstruction"])
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_a_missing_label_column_in_training_is_a_clear_error():
     model = tiny_model("sosm", aux_head_weight=0.5)
     ids = torch.randint(3, model.config.vocab_size, (2, 8))
@@ -242,6 +260,7 @@ def test_reconstruction_groups_name_the_current_and_earlier_tokens_only():
     valid = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
     assert past_token_targets(ids, valid, 0).tolist() == [[5, 6, 7, 8, 9], [-100, -100, 3, 4, 5]]
     assert past_token_targets(ids, valid, 2).tolist() == [[-100, -100, 5, 6, 7], [-100, -100, -100, -100, 3]]
+    assert past_token_targets(ids, valid, 7).tolist() == [[-100] * 5, [-100] * 5]  # further back than the row
     model = tiny_model("sosm", reconstruction_weight=1.0, block_routing="none")
     term = model(input_ids=ids, attention_mask=valid.long()).aux_losses["reconstruction"]
     assert torch.isfinite(term) and term > 0

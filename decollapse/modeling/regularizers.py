@@ -608,9 +608,10 @@ def linear_cka_matrix(units: torch.Tensor, mask: torch.Tensor | None = None) -> 
     x = x - x.mean(dim=0, keepdim=True)
     cross = torch.einsum("nad,nbe->abde", x, x)  # [U, U, d, d] cross-covariances (unscaled)
     hsic = cross.pow(2).sum(dim=(-1, -2))
-    norms = hsic.diagonal().clamp_min(0.0).sqrt()
-    denominator = norms.unsqueeze(0) * norms.unsqueeze(1)
-    cka = torch.where(denominator > 0, hsic / denominator.clamp_min(_NORM_EPS**2), torch.zeros_like(hsic))
+    # Clamped before the square root: sqrt's gradient at 0 is infinite, and a zero-variance block
+    # (all its cross terms 0) must give CKA 0 with a finite gradient, not 0 × inf.
+    norms = hsic.diagonal().clamp_min(1e-30).sqrt()
+    cka = hsic / (norms.unsqueeze(0) * norms.unsqueeze(1))
     return torch.where(eye.bool(), torch.ones_like(cka), cka)
 
 
@@ -645,7 +646,8 @@ def block_mean_orthogonality(units: torch.Tensor, mask: torch.Tensor | None = No
 
     It constrains first moments only (where the blocks point on average), not what they encode:
     two blocks can be orthogonal on average and carry the same information; :func:`mean_off_diagonal_cka`
-    measures that. No kept item gives 0.
+    measures that. No kept item gives 0. A block whose mean is zero counts 1 (its diagonal) and is left
+    out of the floor of the others, so the term is never below 0.
 
     Args:
         units: ``[N, n, d]`` (item, block, feature).
@@ -660,6 +662,11 @@ def block_mean_orthogonality(units: torch.Tensor, mask: torch.Tensor | None = No
     if x.shape[0] == 0:
         return _zero_like_graph(units)
     num_blocks, dim = x.shape[1], x.shape[2]
-    gram = pairwise_cosine(x.mean(dim=0))
+    means = x.mean(dim=0)
+    gram = pairwise_cosine(means)
     eye = torch.eye(num_blocks, dtype=gram.dtype, device=gram.device)
-    return (gram - eye).pow(2).sum() - block_mean_orthogonality_floor(num_blocks, dim)
+    # A zero mean (a block routed away from every token) has cosine 0 with everything, itself included:
+    # it adds exactly 1 (its diagonal), and the others' floor is that of the non-zero means.
+    nonzero = int((means.abs().sum(-1) > 0).sum())
+    floor = (block_mean_orthogonality_floor(nonzero, dim) if nonzero else 0.0) + (num_blocks - nonzero)
+    return (gram - eye).pow(2).sum() - floor

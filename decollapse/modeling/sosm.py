@@ -238,12 +238,21 @@ def causal_graph(
     return allowed | (back == 0).unsqueeze(0)
 
 
+def _labelled_mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled items (target != -100); 0, still on the graph, when there is
+    none (``F.cross_entropy`` would return NaN, and a NaN masked afterwards still poisons the gradient)."""
+    losses = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return losses / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
 def past_token_targets(input_ids: torch.Tensor, valid: torch.Tensor, back: int) -> torch.Tensor:
     """``target[:, t] = input_ids[:, t − back]``; -100 where ``t < back`` or either token is padding.
     The reconstruction proxy's targets: a block group names a token it has already read, never a later one."""
-    target = input_ids.masked_fill(~valid, IGNORE_INDEX)
-    if back:
-        target = F.pad(target[:, :-back], (back, 0), value=IGNORE_INDEX)
+    source = input_ids.masked_fill(~valid, IGNORE_INDEX)
+    target = torch.full_like(source, IGNORE_INDEX)
+    length = source.shape[1]
+    if back < length:
+        target[:, back:] = source[:, : length - back]
     return target.masked_fill(~valid, IGNORE_INDEX)
 
 
@@ -593,8 +602,8 @@ class SosmModel(SosmPreTrainedModel):
                     )
                 labels = columns[column].to(blocks.device)[valid]
                 logits = head(blocks[:, self.aux_blocks[column]].flatten(-2))
-                head_losses.append(F.cross_entropy(logits.float(), labels.masked_fill(labels < 0, IGNORE_INDEX)))
-            terms["aux_heads"] = torch.stack(head_losses).nan_to_num(0.0).mean()
+                head_losses.append(_labelled_mean_ce(logits, labels.masked_fill(labels < 0, IGNORE_INDEX)))
+            terms["aux_heads"] = torch.stack(head_losses).mean()
         if c.reconstruction_weight and input_ids is not None:
             # Group g (blocks 4g … 4g+3) names the token g positions back: only the past, never the future.
             grouped = self.layout.blocks(state).unflatten(-2, (SosmConfig.GROUPS, -1)).flatten(-2)  # (B, T, 4, 4d)
@@ -602,8 +611,8 @@ class SosmModel(SosmPreTrainedModel):
             for g, head in enumerate(self.reconstruction):
                 target = past_token_targets(input_ids, valid, g)
                 logits = head(grouped[:, :, g])
-                losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten()))
-            terms["reconstruction"] = torch.stack(losses).nan_to_num(0.0).mean()
+                losses.append(_labelled_mean_ce(logits.flatten(0, 1), target.flatten()))
+            terms["reconstruction"] = torch.stack(losses).mean()
         if routing is not None and c.routing_balance_weight:
             probs, kept = routing
             one_hot = F.one_hot(kept, NUM_BLOCKS)
