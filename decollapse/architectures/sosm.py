@@ -26,7 +26,7 @@ register_architecture(
     "0.34-0.40, not near 1), so the tiers lower a similarity that was not the failure the original reported; "
     "homonym separation comes from the contextual stack, not from the tiers (0.38-0.43 without any, 0.31-0.46 "
     "at the defaults); the tier-3 heads reach 100% on word class but only 47-52% on domain and 28-36% on sense; "
-    "tier-4 options were measured on one seed only. See docs/SOSM.md.",
+    "tier-4 block routing (moe) stalled on one seed of three. See docs/SOSM.md.",
     tiny={"num_attention_heads": 2, "block_dim": 2, "aux_head_classes": {"word_class": 4, "domain": 4, "sense": 4},
           "block_routing": "moe", "routing_top_k": 4},
     # 64 validation rows hold ~650 homonym occurrences: enough for per-sense centroids and their halves.
