@@ -4,10 +4,9 @@ load, generation and export are the registry's contract tests."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from decollapse.cli import main
-from decollapse.configuration.sosm import BLOCK_NAMES, SosmConfig, block_shape
+from decollapse.configuration.sosm import BLOCK_NAMES, block_shape
 from decollapse.modeling.diagnostics import homonym_report, within_unit_cosine
 from decollapse.modeling.regularizers import (
     block_mean_orthogonality,

@@ -29,7 +29,7 @@ register_architecture(
     "tier-4 block routing (moe) stalled on one seed of three. See docs/SOSM.md.",
     tiny={"num_attention_heads": 2, "block_dim": 2, "aux_head_classes": {"word_class": 4, "domain": 4, "sense": 4},
           "block_routing": "moe", "routing_top_k": 4},
-    # 64 validation rows hold ~650 homonym occurrences: enough for per-sense centroids and their halves.
+    # 64 validation rows hold 31 homonyms with both senses (16 rows: 5), enough for sense centroids and halves.
     probe_size=64,
     variants={
         "contextual": {"mu_layers": 1},
