@@ -34,10 +34,12 @@ def _ids(seed=0, batch=4, length=12, vocab=61):
 
 
 def _router(**overrides) -> SomeRouter:
-    """A bare router over 4 experts with unit keys along the axes of a 4-d key space."""
+    """A bare Knowledge Gravity router (forces off unless overridden, no balancer) over 4 experts with unit
+    keys along the axes of a 4-d key space."""
     config = SomeConfig(
         **{"hidden_size": 4, "num_attention_heads": 1, "num_experts": 4, "num_experts_per_tok": 1, "key_size": 4,
-           "use_alpha": False, "use_beta": False, "use_delta": False, **overrides}
+           "key_update": "gravity", "balance": "none", "use_alpha": False, "use_beta": False, "use_delta": False,
+           **overrides}
     )
     router = SomeRouter(config)
     router.reset_state()
@@ -307,23 +309,25 @@ def test_bias_sign_moves_the_bias_against_the_load_error():
     torch.testing.assert_close(router.balance_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
 
 
-def test_padding_never_counts_in_statistics_or_key_updates():
+@pytest.mark.parametrize("state", [{"key_update": "gravity", "balance": "none"}, {}], ids=["gravity", "defaults"])
+def test_padding_never_counts_in_statistics_or_key_updates(state):
     torch.manual_seed(0)
     ids = _ids(batch=2, length=8)
     padded = torch.cat([torch.zeros(2, 4, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(2, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
     stores = []
     for batch in ({"input_ids": ids}, {"input_ids": padded, "attention_mask": mask}):
-        model = tiny_model("some")
+        model = tiny_model("some", **state)
         model.train()
         model(**batch)
         routers = [m for m in model.modules() if isinstance(m, SomeRouter)]
         assert routers[0]._pending.tokens.item() == ids.numel()
         model.after_optimizer_step()
-        stores.append([(r.key_store.clone(), r.usage.clone()) for r in routers])
-    for (keys_a, usage_a), (keys_b, usage_b) in zip(*stores):
+        stores.append([(r.key_store.clone(), r.usage.clone(), r.balance_bias.clone()) for r in routers])
+    for (keys_a, usage_a, bias_a), (keys_b, usage_b, bias_b) in zip(*stores):
         torch.testing.assert_close(keys_a, keys_b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(usage_a, usage_b)
+        torch.testing.assert_close(bias_a, bias_b)
 
 
 def test_evaluation_and_generation_leave_the_key_store_alone():
@@ -367,7 +371,7 @@ def _key_stores(model):
 def test_keys_move_once_per_optimizer_step_whatever_the_accumulation(tmp_path):
     stores = []
     for batch, accumulation in ((4, 1), (2, 2)):
-        model = tiny_model("some")
+        model = tiny_model("some", key_update="gravity", balance="bias_sign")
         trainer = Trainer(
             model=model, args=TrainingArguments(**_args(tmp_path / f"{batch}", per_device_train_batch_size=batch,
                                                         gradient_accumulation_steps=accumulation)),
@@ -382,7 +386,7 @@ def test_keys_move_once_per_optimizer_step_whatever_the_accumulation(tmp_path):
 
 
 def test_decollapse_trainer_moves_keys_and_logs_gravity(tmp_path):
-    model = tiny_model("some")
+    model = tiny_model("some", key_update="gravity", balance="none")
     before = _key_stores(model)
     trainer = DecollapseTrainer(
         model=model, args=DecollapseTrainingArguments(**_args(tmp_path)), train_dataset=_dataset(),
@@ -394,6 +398,26 @@ def test_decollapse_trainer_moves_keys_and_logs_gravity(tmp_path):
     assert moved, "no key store moved in training"
     logged = [entry for entry in trainer.state.log_history if "gravity/key_shift" in entry]
     assert len(logged) == 4 and all(entry["gravity/key_shift"] > 0 for entry in logged)
+
+
+def test_defaults_keep_the_keys_and_balance_the_load_logging_no_gravity(tmp_path):
+    model = tiny_model("some")
+    assert (model.config.key_update, model.config.balance) == ("frozen", "bias_sign")
+    before = _key_stores(model)
+    trainer = DecollapseTrainer(
+        model=model, args=DecollapseTrainingArguments(**_args(tmp_path)), train_dataset=_dataset(),
+        data_collator=_collate,
+    )
+    trainer.train()
+    after = _key_stores(model)
+    for name in before:
+        if name.endswith("key_store"):
+            assert torch.equal(before[name], after[name]), name
+        if name.endswith("balance_bias"):
+            assert not torch.equal(before[name], after[name]), name
+    logged = [entry for entry in trainer.state.log_history if "routing/load_max_violation" in entry]
+    assert len(logged) == 4 and all(entry["routing/load_max_violation"] >= 0 for entry in logged)
+    assert not any(key.startswith("gravity/") for entry in trainer.state.log_history for key in entry)
 
 
 def test_every_buffer_survives_save_and_from_pretrained(tmp_path):
@@ -418,7 +442,8 @@ def test_resume_from_checkpoint_continues_the_key_store(tmp_path):
     def trainer(folder, **overrides):
         torch.manual_seed(0)
         return DecollapseTrainer(
-            model=tiny_model("some"), args=DecollapseTrainingArguments(**_args(folder, **overrides)),
+            model=tiny_model("some", key_update="gravity", balance="bias_sign"),
+            args=DecollapseTrainingArguments(**_args(folder, **overrides)),
             train_dataset=_dataset(), data_collator=_collate,
         )
 
@@ -446,8 +471,9 @@ DDP_SCRIPT = textwrap.dedent(
     out, batch = sys.argv[1], int(sys.argv[2])
     arch = ARCHITECTURES["some"]
     torch.manual_seed(0)
+    # Gravity keys and the sign-of-load bias: both states that move outside the optimizer.
     config = arch.config_class(hidden_size=32, num_hidden_layers=2, max_position_embeddings=32, vocab_size=61,
-                               **arch.tiny)
+                               key_update="gravity", balance="bias_sign", **arch.tiny)
     model = arch.model_for_objective("causal_lm")(config)
     g = torch.Generator().manual_seed(1)
     data = Dataset.from_dict({"input_ids": torch.randint(3, 61, (16, 12), generator=g).tolist()})

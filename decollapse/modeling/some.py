@@ -328,7 +328,8 @@ class SomeRouter(nn.Module):
     def apply_update(self) -> dict[str, float]:
         """One optimizer step's update from the pending statistics of every process: usage EMA,
         Knowledge Gravity (or nothing, for gradient-trained and frozen keys) and the balance bias.
-        Returns what happened, for logging."""
+        Returns what happened, for logging: the step's load ``max_violation`` (max ÷ mean load − 1) and,
+        with Gravity, ``forgotten`` and ``key_shift``."""
         c = self.config
         stats = self._pending or RoutingStatistics(c, self.usage.device)
         self._pending, self._stale_forwards = None, 0
@@ -339,7 +340,8 @@ class SomeRouter(nn.Module):
         uniform = c.num_experts_per_tok / c.num_experts
         previous_usage = self.usage.float().clone()
         self.usage.mul_(c.ema_decay).add_((1.0 - c.ema_decay) * stats.counts / tokens)
-        logs = {"forgotten": 0.0, "key_shift": 0.0}
+        load = stats.counts.float()
+        logs = {"max_violation": float(load.max() / load.mean() - 1.0)}
         if c.key_update == "gravity":
             keys = self.key_store.float()
             new, moved = keys.clone(), torch.zeros(c.num_experts, dtype=torch.bool, device=keys.device)
@@ -369,7 +371,7 @@ class SomeRouter(nn.Module):
                     self.usage[forgotten] = uniform  # a fresh chance, as a VQ codebook's restarted code
                 else:  # shrink: the forgotten key fades and becomes less reachable (public v2)
                     new[forgotten] *= 1.0 - c.delta
-                logs["forgotten"] = float(forgotten.numel())
+            logs["forgotten"] = float(forgotten.numel()) if c.use_delta else 0.0
             logs["key_shift"] = float((new - keys).norm(dim=-1).mean())
             self.key_store.copy_(new.to(self.key_store.dtype))
         if c.balance == "bias_sign":
@@ -451,17 +453,19 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
                 init.uniform_(bias, -bound, bound)
 
     def after_optimizer_step(self) -> dict[str, float]:
-        """Applies every layer's pending key-store update (see ``SomeRouter.apply_update``); returns
-        ``gravity/forgotten`` (experts forgotten this step, summed over layers) and
-        ``gravity/key_shift`` (mean distance a key moved, averaged over layers)."""
+        """Applies every layer's pending router update (see ``SomeRouter.apply_update``); returns
+        ``routing/load_max_violation`` (the step's training load, max ÷ mean − 1, averaged over layers: what
+        the balance bias steers) and, with Knowledge Gravity, ``gravity/forgotten`` (experts forgotten this
+        step, summed over layers) and ``gravity/key_shift`` (mean distance a key moved, averaged over layers)."""
         logs = [m.apply_update() for m in self.modules() if isinstance(m, SomeRouter)]
         logs = [entry for entry in logs if entry]
         if not logs:
             return {}
-        return {
-            "gravity/forgotten": sum(entry["forgotten"] for entry in logs),
-            "gravity/key_shift": sum(entry["key_shift"] for entry in logs) / len(logs),
-        }
+        result = {"routing/load_max_violation": sum(entry["max_violation"] for entry in logs) / len(logs)}
+        if self.config.key_update == "gravity":
+            result["gravity/forgotten"] = sum(entry["forgotten"] for entry in logs)
+            result["gravity/key_shift"] = sum(entry["key_shift"] for entry in logs) / len(logs)
+        return result
 
     def num_active_parameters(self) -> int:
         """Parameters one token's forward uses: all but the experts it is not routed to."""
