@@ -1,4 +1,4 @@
-"""The ``decollapse`` command line: ``train``, ``ablate``, ``heatmap``, ``eval``, ``diagnose``, ``homonyms``, ``export``, ``card``, ``push``, ``list``.
+"""The ``decollapse`` command line: ``train``, ``ablate``, ``eval``, ``diagnose``, ``homonyms``, ``export``, ``card``, ``push``, ``list``.
 
 Bad input gets one line on stderr and exit code 2; nothing is left half-written.
 """
@@ -263,11 +263,10 @@ def _cmd_train(args) -> int:
 
 def _cmd_ablate(args) -> int:
     from .ablation import AblationJob, parse_cases, parse_control, parse_grid, parse_seeds, run_ablation, to_markdown
+    from .heatmap import default_png, parse_axes
     from .runner import UsageError, default_output_dir
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
-
-    from .heatmap import default_png, parse_axes
 
     try:
         settings = parse_assignments(args.settings)

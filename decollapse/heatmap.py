@@ -174,7 +174,8 @@ def expected_metrics(runs) -> dict[str, set[str]]:
 
 
 def _fresh_run_metrics(parts: dict[str, Any], dataset, tokenizer, corpus_summary) -> set[str]:
-    import torch
+    """The names a run of ``parts`` writes, in the order the runner computes them (evaluation, then the
+    collapse report, called as the runner calls it: some reports take gradients, e.g. MoH's predictor)."""
     from transformers.trainer_callback import ProgressCallback
 
     from .runner import build_collator, build_model, probe_batch, training_arguments
@@ -184,9 +185,7 @@ def _fresh_run_metrics(parts: dict[str, Any], dataset, tokenizer, corpus_summary
     objective = parts["objective"]
     model = build_model(parts, tokenizer, len(dataset["train"][0]["input_ids"]), dataset["train"])
     probe = probe_batch(dataset["validation"], recipe.probe_size or parts["arch"].probe_size)
-    with torch.no_grad():
-        names = set(model.collapse_report(probe).metrics)
-    names |= set(RUN_SCALARS) | {"frozen_parameter_share"}
+    names = set(RUN_SCALARS) | {"frozen_parameter_share"}
     keep = ["input_ids", *model.aux_label_columns]
     splits = {
         split: dataset[split].select_columns(keep).select(range(min(CHECK_EVAL_ROWS, len(dataset[split]))))
@@ -206,7 +205,7 @@ def _fresh_run_metrics(parts: dict[str, Any], dataset, tokenizer, corpus_summary
             names |= {k for k in metrics if not k.endswith(PREPARATION_METRIC)}
             if corpus_summary is not None and objective == "causal_lm":
                 names |= {f"{split}_optimal_perplexity", f"{split}_perplexity_ratio"}
-    return names
+    return names | set(model.collapse_report(probe).metrics)
 
 
 def unknown_metric(
