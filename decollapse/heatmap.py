@@ -29,6 +29,7 @@ import math
 import os
 import statistics
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ CHECK_EVAL_ROWS = 2
 # An error message lists every metric up to this many; past it, the close matches and the first names.
 LISTED_METRICS = 40
 HEATMAP_FOLDER = "heatmaps"
+# Characters of the 8-point title per inch of figure width, with room for the axis labels and colour bar.
+TITLE_CHARS_PER_INCH = 10
 
 
 @dataclass
@@ -309,7 +312,8 @@ def figure(heatmap: Heatmap):
                        for j in range(n_columns)] for i in range(n_rows)], dtype=float)
     # Grey where a cell has no finite value (n/a, or a diverged inf / nan mean, which the colour scale cannot hold).
     shown = np.ma.masked_invalid(means)
-    fig = Figure(figsize=(max(4.5, 2.2 + 1.1 * n_columns), max(3.2, 1.8 + 0.7 * n_rows)))
+    width = max(4.5, 2.2 + 1.1 * n_columns)
+    fig = Figure(figsize=(width, max(3.2, 1.8 + 0.7 * n_rows)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.set_facecolor("lightgrey")
@@ -319,7 +323,9 @@ def figure(heatmap: Heatmap):
     ax.set_yticks(range(n_rows), labels=heatmap.row_values)
     ax.set_xlabel(heatmap.column_key)
     ax.set_ylabel(heatmap.row_key)
-    ax.set_title(heatmap.title, fontsize=8)
+    # Wrapped to the figure: a small grid's figure is narrower than the line saying how seeds were combined.
+    ax.set_title("\n".join(textwrap.fill(line, int(width * TITLE_CHARS_PER_INCH)) for line in heatmap.title.splitlines()),
+                 fontsize=8)
     for i in range(n_rows):
         for j in range(n_columns):
             mean = heatmap.mean(i, j)
