@@ -10,7 +10,9 @@ evaluation, same collapse report). The table reports, per arm, held-out perplexi
 architecture's headline collapse metrics (``collapse_headline`` on its model class), each reduced
 over layers as the headline states, as mean ± sample standard deviation over the seeds. With a
 ``--control`` arm it adds each arm's perplexity ratio to the control, computed per seed (paired) and
-then summarised, and whether that ratio falls on the same side of 1 on every seed. Everything is
+then summarised, and whether that ratio falls on the same side of 1 on every seed. With ``--heatmap
+METRIC`` it also draws that metric over the two ``--grid`` axes, mean over seeds per cell
+(``decollapse.heatmap``; the name is checked before anything is trained). Everything is
 written to a temporary sibling folder and renamed into place only when every run has finished.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import logging
 import shutil
 import statistics
 import tempfile
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .runner import TrainJob, UsageError, plan, publish, run
+
+logger = logging.getLogger(__name__)
 
 REDUCTIONS = {"min": min, "max": max, "mean": lambda values: sum(values) / len(values)}
 # Paired ratios to a control sit close to 1; three decimals would round a 0.05% effect away.
@@ -53,6 +58,10 @@ class AblationJob:
     seeds: list[int] | None = None
     # The arm the others are compared to: assignments that exactly one arm's --case/--grid values contain.
     control: dict[str, str] | None = None
+    # Metrics drawn as heat-maps over the two --grid axes once every run has finished (decollapse.heatmap),
+    # and (rows, columns) when not the first and second --grid axes.
+    heatmaps: list[str] = field(default_factory=list)
+    heatmap_axes: tuple[str, str] | None = None
 
 
 @dataclass
@@ -228,6 +237,12 @@ def plan_ablation(job: AblationJob) -> list[PlannedRun]:
     arms = combinations(job.grid, job.cases)
     if job.control is not None:
         find_control(arms, job.control, table_keys(job))
+    if job.heatmap_axes is not None and not job.heatmaps:
+        raise UsageError("--heatmap-axes: only with --heatmap METRIC")
+    if job.heatmaps:
+        from .heatmap import heatmap_axes
+
+        heatmap_axes(job.grid, job.cases, job.heatmap_axes, "--heatmap")
     runs = []
     names = set()
     for combo in arms:
@@ -250,7 +265,23 @@ def plan_ablation(job: AblationJob) -> list[PlannedRun]:
             )
             parts = plan(train_job)
             runs.append(PlannedRun(combo, parts["recipe"].seed, name, train_job, parts))
+    if job.heatmaps:
+        _check_heatmap_metrics(job.heatmaps, runs)
     return runs
+
+
+def _check_heatmap_metrics(metrics: list[str], runs: list[PlannedRun]) -> None:
+    """Refuses, before training, a --heatmap metric that no arm will report (names from a freshly
+    initialised model of each arm on its run's data: ``heatmap.expected_metrics``)."""
+    from .heatmap import expected_metrics, unknown_metric
+
+    expected = set().union(*expected_metrics(runs).values())
+    for metric in metrics:
+        if metric not in expected:
+            raise unknown_metric(
+                metric, expected, f"--heatmap {metric}",
+                "a finished run's collapse-report names: `decollapse diagnose RUN --json`",
+            )
 
 
 def summarise(rows: list[dict[str, Any]], control: dict[str, str] | None = None) -> list[ArmSummary]:
@@ -334,11 +365,29 @@ def run_ablation(job: AblationJob, on_run_done=None) -> list[dict[str, Any]]:
         }
         (work / "ablation.json").write_text(json.dumps(payload, indent=2))
         (work / "ablation.md").write_text(to_markdown(payload, per_seed=len(seeds) > 1) + "\n")
+        if job.heatmaps:
+            _draw_heatmaps(job, payload, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     publish(work, output_dir)
     return rows
+
+
+def _draw_heatmaps(job: AblationJob, payload: dict[str, Any], work: Path) -> None:
+    from .heatmap import ablation_run_metrics, default_png, draw, heatmap_axes
+
+    axes = heatmap_axes(job.grid, job.cases, job.heatmap_axes, "--heatmap")
+    run_values = ablation_run_metrics(work, payload)
+    for metric in job.heatmaps:
+        if not any(metric in values for values in run_values.values()):
+            # The check before training expected it; the runs are kept rather than thrown away for a drawing.
+            logger.warning(
+                "--heatmap %s: no run reported it after all, no heat-map drawn (the ablation is written; "
+                "`decollapse heatmap DIR --list-metrics` lists what the runs report)", metric,
+            )
+            continue
+        draw(payload, run_values, metric, axes, default_png(work, metric))
 
 
 def _quoted(assignments: dict[str, str]) -> str:
@@ -359,6 +408,10 @@ def rerun_command(job: AblationJob) -> str:
         parts += ["--seeds", ",".join(map(str, job.seeds))]
     if job.control is not None:
         parts += ["--control", _quoted(job.control)]
+    for metric in job.heatmaps:
+        parts += ["--heatmap", metric]
+    if job.heatmap_axes is not None:
+        parts += ["--heatmap-axes", ",".join(job.heatmap_axes)]
     if job.settings:
         parts += ["--set"] + [f"{k}={v}" for k, v in job.settings.items()]
     return " ".join(parts)

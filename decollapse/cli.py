@@ -59,6 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument(
         "--per-seed", action="store_true", help="also print every seed's values (ablation.json always has them)"
     )
+    ablate.add_argument(
+        "--heatmap", action="append", default=[], metavar="METRIC",
+        help="draw METRIC (any value of a run's metrics.json or diagnostics.json) over the two --grid axes, mean "
+        "over seeds per cell, into DIR/heatmaps/METRIC.png and .csv (repeatable; the name is checked before training)",
+    )
+    ablate.add_argument(
+        "--heatmap-axes", default=None, metavar="ROWS,COLUMNS",
+        help="the --grid key on the heat-map's rows (y) and the one on its columns (x) "
+        "(default: the first --grid axis on the rows, the second on the columns)",
+    )
+
+    heatmap = sub.add_parser(
+        "heatmap", help="heat-map of one metric over the two --grid axes of an ablation folder, mean over seeds"
+    )
+    heatmap.add_argument("ablation_dir", type=Path, help="a folder written by `decollapse ablate`")
+    heatmap.add_argument("--metric", default=None, help="a value of the runs' metrics.json or diagnostics.json")
+    heatmap.add_argument("--axes", default=None, metavar="ROWS,COLUMNS",
+                         help="the --grid key on the rows (y) and the one on the columns (x) (default: the grid's order)")
+    heatmap.add_argument("--output", type=Path, default=None,
+                         help="the PNG to write; the cell values go to the .csv beside it "
+                         "(default: ABLATION_DIR/heatmaps/METRIC.png)")
+    heatmap.add_argument("--list-metrics", action="store_true",
+                         help="list every metric the runs report, with how many runs report it, and draw nothing")
 
     _add_eval_arguments(sub.add_parser(
         "eval", help="GLUE / SICK / PAWS / STS-B, fine-tuned or zero-shot; results into the model folder"
@@ -169,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "train": _cmd_train,
         "ablate": _cmd_ablate,
+        "heatmap": _cmd_heatmap,
         "eval": _cmd_eval,
         "diagnose": _cmd_diagnose,
         "homonyms": _cmd_homonyms,
@@ -239,6 +263,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_ablate(args) -> int:
     from .ablation import AblationJob, parse_cases, parse_control, parse_grid, parse_seeds, run_ablation, to_markdown
+    from .heatmap import default_png, parse_axes
     from .runner import UsageError, default_output_dir
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
@@ -249,12 +274,14 @@ def _cmd_ablate(args) -> int:
         cases = parse_cases(args.case)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         control = parse_control(args.control) if args.control is not None else None
+        heatmap_axes = parse_axes(args.heatmap_axes, "--heatmap-axes") if args.heatmap_axes is not None else None
     except (SettingError, UsageError) as err:
         return _fail(str(err))
     output_dir = args.output_dir or default_output_dir(f"{args.arch}-ablation")
     job = AblationJob(
         arch=args.arch, grid=grid, cases=cases, output_dir=output_dir, settings=settings, max_steps=args.max_steps,
         dataset=args.dataset, overwrite=args.overwrite, seeds=seeds, control=control,
+        heatmaps=list(dict.fromkeys(args.heatmap)), heatmap_axes=heatmap_axes,
     )
 
     def progress(row, done, total):
@@ -270,6 +297,41 @@ def _cmd_ablate(args) -> int:
         return _fail(f"{err}; the ablation stopped and wrote nothing")
     print(f"wrote {output_dir}")
     print(to_markdown(json.loads((output_dir / "ablation.json").read_text()), per_seed=args.per_seed))
+    for metric in job.heatmaps:
+        if default_png(output_dir, metric).is_file():
+            print(f"heat-map of {metric}: {default_png(output_dir, metric)} (cell values: .csv beside it)")
+    return 0
+
+
+def _cmd_heatmap(args) -> int:
+    from .heatmap import (ablation_run_metrics, check_output, default_png, draw, heatmap_axes, metric_counts,
+                          parse_axes, read_ablation, to_markdown, unknown_metric)
+    from .runner import UsageError
+
+    try:
+        axes = parse_axes(args.axes, "--axes") if args.axes is not None else None
+        if args.metric is None and not args.list_metrics:
+            raise UsageError("name the metric to draw with --metric (--list-metrics lists what the runs report)")
+        if args.output is not None:
+            check_output(args.output)
+        payload = read_ablation(args.ablation_dir)
+        if not args.list_metrics:
+            axes = heatmap_axes(payload["grid"], payload.get("cases") or [], axes, str(args.ablation_dir))
+        run_values = ablation_run_metrics(args.ablation_dir, payload)
+        counts = metric_counts(run_values)
+        if args.list_metrics:
+            for name, count in counts.items():
+                print(f"{name}  ({count}/{len(run_values)} runs)")
+            return 0
+        if args.metric not in counts:
+            raise unknown_metric(args.metric, counts, f"--metric {args.metric}")
+        heatmap, png, csv_path = draw(
+            payload, run_values, args.metric, axes, args.output or default_png(args.ablation_dir, args.metric)
+        )
+    except UsageError as err:
+        return _fail(str(err))
+    print(to_markdown(heatmap))
+    print(f"wrote {png} and {csv_path}")
     return 0
 
 
