@@ -465,9 +465,12 @@ def continued_model(parts: dict[str, Any], checkpoint: Path, tokenizer, train=No
             f"{checkpoint}: the model reads {model.config.vocab_size} token ids, "
             f"the data's tokenizer has {len(tokenizer)}"
         )
+    # Compared as a config built from the settings holds them: validation may adjust a value (SOSM unties
+    # embeddings its state cannot share), and the checkpoint's config went through the same adjustment.
+    wanted = arch.config_class(**parts["model_settings"])
     for key, value in parts["model_settings"].items():
-        if getattr(model.config, key, value) != value:
-            saved_value = getattr(model.config, key)
+        if getattr(model.config, key, None) != getattr(wanted, key, value):
+            saved_value = getattr(model.config, key, None)
             raise UsageError(f"--set {key}={value}: the checkpoint {checkpoint} has {key}={saved_value!r}")
     classes = getattr(model.config, "aux_head_classes", None) or {}
     for column in model.aux_label_columns if train is not None else ():
