@@ -189,7 +189,7 @@ def run_lifelong(job: LifelongJob, on_phase_done=None) -> dict[str, Any]:
             "max_steps": planned.seeds[0].parts["recipe"].max_steps,
             "settings": job.settings,
             "seeds": [s.seed for s in planned.seeds],
-            "phase2": "phase 1's weights, the same recipe and number of steps, a fresh optimizer and learning-rate "
+            "phase2_recipe": "phase 1's weights, the same recipe and number of steps, a fresh optimizer and learning-rate "
             "schedule",
             "rows": rows,
             "summary": summarise(rows),
