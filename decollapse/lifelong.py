@@ -189,8 +189,8 @@ def run_lifelong(job: LifelongJob, on_phase_done=None) -> dict[str, Any]:
             "max_steps": planned.seeds[0].parts["recipe"].max_steps,
             "settings": job.settings,
             "seeds": [s.seed for s in planned.seeds],
-            "phase2_recipe": "phase 1's weights, the same recipe and number of steps, a fresh optimizer and learning-rate "
-            "schedule",
+            "phase2_recipe": "phase 1's weights, the same recipe and number of steps, "
+            "a fresh optimizer and learning-rate schedule",
             "rows": rows,
             "summary": summarise(rows),
         }
