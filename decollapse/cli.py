@@ -83,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--list-metrics", action="store_true",
                          help="list every metric the runs report, with how many runs report it, and draw nothing")
 
+    lifelong = sub.add_parser(
+        "lifelong", help="train on one domain subset of the embedded corpus, then another: what is forgotten"
+    )
+    lifelong.add_argument("arch", help="a causal architecture (`decollapse list`)")
+    lifelong.add_argument("--first", required=True, metavar="DOMAINS", help="phase 1's domains: 0-3, 0,2,5 or 4")
+    lifelong.add_argument("--then", required=True, metavar="DOMAINS", help="phase 2's domains, same forms")
+    lifelong.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                          help="both phases once per seed (train.seed); mean ± sample std over seeds (default: once)")
+    lifelong.add_argument("--max-steps", type=int, default=None, help="optimizer steps per phase (default 5000)")
+    lifelong.add_argument("--output-dir", type=Path, default=None, help="default: runs/<arch>-lifelong-<timestamp>")
+    lifelong.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    lifelong.add_argument("--set", dest="settings", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                          help="model, training (train.*) or corpus (corpus.*) knobs shared by both phases")
+    lifelong.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     _add_eval_arguments(sub.add_parser(
         "eval", help="GLUE / SICK / PAWS / STS-B, fine-tuned or zero-shot; results into the model folder"
     ))
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _cmd_train,
         "ablate": _cmd_ablate,
         "heatmap": _cmd_heatmap,
+        "lifelong": _cmd_lifelong,
         "eval": _cmd_eval,
         "diagnose": _cmd_diagnose,
         "homonyms": _cmd_homonyms,
@@ -332,6 +348,46 @@ def _cmd_heatmap(args) -> int:
         return _fail(str(err))
     print(to_markdown(heatmap))
     print(f"wrote {png} and {csv_path}")
+    return 0
+
+
+def _cmd_lifelong(args) -> int:
+    from .ablation import parse_seeds
+    from .lifelong import LifelongJob, run_lifelong, to_markdown
+    from .runner import UsageError, default_output_dir
+    from .settings import SettingError, parse_assignments
+    from .trainers import NonFiniteLossError
+
+    try:
+        settings = parse_assignments(args.settings)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    except (SettingError, UsageError) as err:
+        return _fail(str(err))
+    if args.no_progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    output_dir = args.output_dir or default_output_dir(f"{args.arch}-lifelong")
+    job = LifelongJob(
+        arch=args.arch, first=args.first, then=args.then, output_dir=output_dir, settings=settings, seeds=seeds,
+        max_steps=args.max_steps, overwrite=args.overwrite, show_progress=not args.no_progress,
+    )
+
+    def progress(seed, phase, metrics):
+        domains = args.first if phase == "phase1" else args.then
+        ppl = metrics["test_perplexity"]
+        print(f"[seed {seed}] {phase} (domains {domains}): test perplexity {ppl:.3f}", flush=True)
+
+    try:
+        payload = run_lifelong(job, on_phase_done=progress)
+    except UsageError as err:
+        return _fail(str(err))
+    except NonFiniteLossError as err:
+        return _fail(f"{err}; the lifelong run stopped and wrote nothing")
+    print(f"wrote {output_dir}")
+    print(to_markdown(payload))
     return 0
 
 

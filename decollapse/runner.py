@@ -98,6 +98,9 @@ class TrainJob:
     settings: dict[str, str] = field(default_factory=dict)
     max_steps: int | None = None
     show_progress: bool = True  # the Trainer's progress bars (training and evaluation)
+    # A `decollapse train` folder whose model this job trains further (weights and configuration; the
+    # optimizer and schedule start fresh), instead of a freshly initialised one.
+    init_checkpoint: Path | None = None
 
 
 def default_output_dir(arch: str) -> Path:
@@ -166,6 +169,9 @@ def plan(job: TrainJob) -> dict[str, Any]:
             raise UsageError(f"{arch.name} cannot be initialised from another checkpoint (model.init_from)")
         if _looks_local(init_from) and not Path(init_from).expanduser().is_dir():
             raise UsageError(f"model.init_from={init_from}: no such checkpoint folder")
+
+    if job.init_checkpoint is not None and not (Path(job.init_checkpoint) / "config.json").is_file():
+        raise UsageError(f"{job.init_checkpoint}: no config.json, not a checkpoint folder to continue from")
 
     if job.dataset != SYNTHETIC and _looks_local(job.dataset) and not Path(job.dataset).expanduser().exists():
         raise UsageError(f"--dataset {job.dataset}: no such file or directory")
@@ -430,6 +436,55 @@ def build_model(parts: dict[str, Any], tokenizer, seq_len: int, train=None):
     return model
 
 
+def continued_model(parts: dict[str, Any], checkpoint: Path, tokenizer, train=None):
+    """The model saved in ``checkpoint``, to train or evaluate further: its weights and configuration,
+    checked against the job's architecture, objective, ``--set`` model knobs and vocabulary (and the
+    label columns of ``train``, for heads trained on them). Raises UsageError naming the mismatch."""
+    arch, objective = parts["arch"], parts["objective"]
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{checkpoint}: no readable config.json ({err})") from None
+    expected = arch.config_class.model_type
+    if saved.get("model_type") != expected or saved.get("objective", objective) != objective:
+        raise UsageError(
+            f"{checkpoint}: holds a {saved.get('model_type')} {saved.get('objective')} model; "
+            f"expected {expected} {objective}"
+        )
+    model_class = arch.model_for_objective(objective)
+    try:
+        model, info = model_class.from_pretrained(str(checkpoint), output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{checkpoint}: no loadable {model_class.__name__} ({first})") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])[0]
+        raise UsageError(f"{checkpoint}: weights missing for {model_class.__name__}, e.g. {missing}")
+    if model.config.vocab_size != len(tokenizer):
+        raise UsageError(
+            f"{checkpoint}: the model reads {model.config.vocab_size} token ids, "
+            f"the data's tokenizer has {len(tokenizer)}"
+        )
+    # Compared as a config built from the settings holds them: validation may adjust a value (SOSM unties
+    # embeddings its state cannot share), and the checkpoint's config went through the same adjustment.
+    wanted = arch.config_class(**parts["model_settings"])
+    for key, value in parts["model_settings"].items():
+        if getattr(model.config, key, None) != getattr(wanted, key, value):
+            saved_value = getattr(model.config, key, None)
+            raise UsageError(f"--set {key}={value}: the checkpoint {checkpoint} has {key}={saved_value!r}")
+    classes = getattr(model.config, "aux_head_classes", None) or {}
+    for column in model.aux_label_columns if train is not None else ():
+        if column not in train.column_names:
+            raise UsageError(f"{checkpoint}: the model trains on label column {column!r}, which the dataset lacks")
+        largest = int(np.asarray(train.with_format("numpy", columns=[column])[column]).max())
+        if column in classes and largest >= classes[column]:
+            raise UsageError(
+                f"{checkpoint}: its {column!r} head has {classes[column]} classes, the data has label {largest}; "
+                "give both runs the whole label space (--set aux_head_classes=...)"
+            )
+    return model
+
+
 def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
     """The data collator of an objective; the runner builds a fresh one per evaluation so that
     evaluation masks, deletions and splits are the same every time."""
@@ -475,7 +530,10 @@ def run(job: TrainJob) -> dict[str, Any]:
     set_seed(recipe.seed)
     dataset, tokenizer, corpus_summary = load_data(job, parts)
     seq_len = len(dataset["train"][0]["input_ids"])
-    model = build_model(parts, tokenizer, seq_len, dataset["train"])
+    if job.init_checkpoint is not None:
+        model = continued_model(parts, job.init_checkpoint, tokenizer, dataset["train"])
+    else:
+        model = build_model(parts, tokenizer, seq_len, dataset["train"])
     probe = probe_batch(dataset["validation"], recipe.probe_size or parts["arch"].probe_size)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -529,17 +587,7 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     trainer.train()
     train_seconds = time.time() - started
 
-    final: dict[str, Any] = {}
-    for split in ("validation", "test"):
-        if split in dataset:
-            final.update(
-                trainer.evaluate(eval_dataset=dataset[split].select_columns(keep), metric_key_prefix=split)
-            )
-    if corpus_summary is not None and objective == "causal_lm":
-        for split in ("validation", "test"):
-            bound = corpus_summary["bounds"][split]["perplexity"]
-            final[f"{split}_optimal_perplexity"] = bound
-            final[f"{split}_perplexity_ratio"] = final[f"{split}_perplexity"] / bound
+    final = held_out_metrics(trainer, dataset, keep, corpus_summary, objective)
 
     total = sum(p.numel() for p in model.parameters())
     # Share of the weights that never train (SoME's expert library; 0 for the others), as a metric so
@@ -568,6 +616,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "recipe": asdict(recipe),
         "settings": job.settings,
+        # Relative to this folder, so the record survives moving both folders together.
+        "init_checkpoint": (
+            None if job.init_checkpoint is None else os.path.relpath(job.init_checkpoint, job.output_dir)
+        ),
         "metrics": final,
         "alarms": [asdict(a) for a in monitor.alarms],
     }
@@ -582,6 +634,48 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     plots = write_plots(work / "plots", trainer.state.log_history, report)
     write_report(work / "report.md", summary, report, corpus_summary, plots)
     return summary
+
+
+def held_out_metrics(trainer, dataset, columns: list[str], corpus_summary, objective: str) -> dict[str, Any]:
+    """``validation_*`` and ``test_*`` loss and perplexity of the trainer's model on ``dataset``; for a
+    causal LM on the embedded corpus also the Bayes-optimal perplexity of each split and the ratio to it."""
+    final: dict[str, Any] = {}
+    for split in ("validation", "test"):
+        if split in dataset:
+            final.update(
+                trainer.evaluate(eval_dataset=dataset[split].select_columns(columns), metric_key_prefix=split)
+            )
+    if corpus_summary is not None and objective == "causal_lm":
+        for split in ("validation", "test"):
+            bound = corpus_summary["bounds"][split]["perplexity"]
+            final[f"{split}_optimal_perplexity"] = bound
+            final[f"{split}_perplexity_ratio"] = final[f"{split}_perplexity"] / bound
+    return final
+
+
+def evaluate_checkpoint(parts: dict[str, Any], checkpoint: Path, dataset, tokenizer, corpus_summary,
+                        show_progress: bool = True) -> dict[str, Any]:
+    """``held_out_metrics`` of the model saved in ``checkpoint`` on another dataset (same tokenizer),
+    through the same Trainer evaluation a training run ends with; ``parts`` is the ``plan`` of a job
+    with the checkpoint's architecture, settings and recipe."""
+    recipe, objective = parts["recipe"], parts["objective"]
+    model = continued_model(parts, checkpoint, tokenizer)
+    columns = ["input_ids", *model.aux_label_columns]
+    scratch = Path(tempfile.mkdtemp(prefix=".decollapse-eval-"))
+    try:
+        trainer = DecollapseTrainer(
+            model=model,
+            args=training_arguments(recipe, scratch, parts["arch"]),
+            eval_dataset=dataset["validation"].select_columns(columns),
+            data_collator=build_collator(objective, tokenizer, recipe),
+            processing_class=tokenizer,
+            eval_data_collator=lambda: build_collator(objective, tokenizer, recipe),
+        )
+        if trainer.pop_callback(ProgressCallback) is not None and show_progress:
+            trainer.add_callback(QuietProgressCallback)
+        return held_out_metrics(trainer, dataset, columns, corpus_summary, objective)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_json(path: Path, payload) -> None:

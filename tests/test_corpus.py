@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -45,6 +46,9 @@ TINY = dict(
     num_test=2,
 )
 SMALL = dict(num_train=300, num_validation=40, num_test=40, seq_len=64)
+# The same tiny language with a third domain, restricted to two of them: documents start and switch
+# only among domains 0 and 2, so the bound must come from the restricted process, not the full one.
+TINY_SUBSET = {**TINY, "num_domains": 3, "domains": "0,2"}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +69,9 @@ def _column(dataset, name):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_forward_equals_brute_force_enumeration():
-    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=7, **TINY))
+@pytest.mark.parametrize("tiny", [TINY, TINY_SUBSET], ids=["all-domains", "domain-subset"])
+def test_forward_equals_brute_force_enumeration(tiny):
+    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=7, **tiny))
     sample = language.sample(1000, np.random.default_rng(3))["word_ids"]
     supports = (language.emission[:, sample[:, 1:]] > 0).sum(axis=0)  # [n, 6] emitting states
     cheap = np.prod(supports, axis=1) <= 50_000
@@ -88,8 +93,9 @@ def test_forward_equals_brute_force_enumeration():
     np.testing.assert_allclose(forward[finite], brute[finite], rtol=0, atol=1e-10)
 
 
-def test_probabilities_of_all_sequences_sum_to_one():
-    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=4, **TINY))
+@pytest.mark.parametrize("tiny", [TINY, TINY_SUBSET], ids=["all-domains", "domain-subset"])
+def test_probabilities_of_all_sequences_sum_to_one(tiny):
+    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=4, **tiny))
     every = np.array(list(itertools.product(range(language.vocab_size), repeat=3)))
     every = np.concatenate([np.full((len(every), 1), BOS_WORD_ID), every], axis=1)
     joint = np.exp(language.log_probs(every).sum(axis=1))
@@ -97,8 +103,11 @@ def test_probabilities_of_all_sequences_sum_to_one():
     assert (joint > 0).sum() > 100  # the sum is not carried by a few sequences
 
 
-def test_sampler_draws_from_the_model_it_scores():
-    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=3, **TINY))
+@pytest.mark.parametrize("tiny", [TINY, TINY_SUBSET], ids=["all-domains", "domain-subset"])
+def test_sampler_draws_from_the_model_it_scores(tiny):
+    """The bound is only the floor of the corpus if the sampler draws from the model the forward
+    algorithm scores; for a domain subset, both must be the restricted process."""
+    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=3, **tiny))
     draws = language.sample(200_000, np.random.default_rng(11))
     pairs, counts = np.unique(draws["word_ids"][:, 1:], axis=0, return_counts=True)
     every = np.array(list(itertools.product(range(language.vocab_size), repeat=2)))
@@ -309,6 +318,94 @@ def test_impossible_homonym_share_is_rejected():
                 num_domains=2, nouns=3, verbs=1, adjectives=1, homonym_rate=1.0, homonym_class_change=1.0
             )
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Domain subsets
+# --------------------------------------------------------------------------------------------------
+
+# sha256 over the int64 bytes of input_ids, domain, word_class and sense (in that order) of each split
+# of the default corpus, recorded before domain subsets existed (commit f8fe236): the README's and
+# CORPUS.md's numbers were measured on exactly these examples.
+DEFAULT_CORPUS_SHA256 = {
+    "train": "a43853ca03908800d1001c81a5f22524022b9b4c7207c4e47fbf99e8f06bb982",
+    "validation": "73b079e6763eabf76cad0d256b0389729fa6ea2a4f642e62f3f2bca71469f990",
+    "test": "8cfd84718a1b68ccdceca7540d3ed69dd3ee9133cb54a1b6978976f95d73d66d",
+}
+
+
+def _split_sha256(dataset) -> str:
+    digest = hashlib.sha256()
+    for name in ("input_ids", "domain", "word_class", "sense"):
+        digest.update(_column(dataset, name).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def test_default_corpus_is_unchanged(default_corpus):
+    assert {split: _split_sha256(default_corpus.dataset[split]) for split in DEFAULT_CORPUS_SHA256} == (
+        DEFAULT_CORPUS_SHA256
+    )
+    assert default_corpus.bounds["test"]["cross_entropy"] == pytest.approx(3.4033008803091405, abs=1e-12)
+    assert default_corpus.config.domain_subset == tuple(range(8)) and not default_corpus.config.restricts_domains
+
+
+@pytest.mark.parametrize(
+    ("text", "domains"),
+    [("0-3", (0, 1, 2, 3)), ("0,2,5", (0, 2, 5)), ("4", (4,)), ("5, 0-1", (0, 1, 5)), ("0-7", tuple(range(8)))],
+)
+def test_domain_subset_forms(text, domains):
+    config = SyntheticCorpusConfig(domains=text)
+    assert config.domain_subset == domains
+    assert config.restricts_domains == (len(domains) < 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("0-9", "9 is out of range"),
+        ("8", "8 is out of range"),
+        ("3-1", "the range 3-1 runs backwards"),
+        ("a", "'a' is not an index or a range"),
+        ("", "'' is not an index or a range"),
+        ("1,,2", "'' is not an index or a range"),
+        ("-1", "'-1' is not an index or a range"),
+        ("0-2,2", "domain 2 is named twice"),
+    ],
+)
+def test_bad_domain_subset_names_the_field_the_value_and_what_is_allowed(text, problem):
+    with pytest.raises(ValueError) as caught:
+        SyntheticCorpusConfig(domains=text)
+    message = str(caught.value)
+    assert message.startswith(f"SyntheticCorpusConfig.domains={text!r} is not allowed: expected domain indices in 0-7")
+    assert "0-3" in message and "0,2,5" in message and problem in message and "\n" not in message
+
+
+def test_domain_subset_corpus_holds_only_its_domains_in_the_same_language():
+    full = build_synthetic_corpus(SyntheticCorpusConfig(**SMALL))
+    first = build_synthetic_corpus(SyntheticCorpusConfig(domains="1,3", **SMALL))
+    other = build_synthetic_corpus(SyntheticCorpusConfig(domains="4-5", **SMALL))
+    language = first.language
+    assert language.words == full.language.words
+    assert first.tokenizer.get_vocab() == full.tokenizer.get_vocab() == other.tokenizer.get_vocab()
+    assert np.array_equal(first.word_to_token, full.word_to_token)
+    label_classes = {"domain": 8, "word_class": len(WORD_CLASS_NAMES), "sense": len(language.lexicon)}
+    assert first.config.label_classes == label_classes
+
+    for split in ("train", "validation", "test"):
+        dataset = first.dataset[split]
+        ids, domain, sense = (_column(dataset, k) for k in ("input_ids", "domain", "sense"))
+        assert set(np.unique(domain[:, 1:]).tolist()) == {1, 3}
+        content = language.sense_domain[sense[:, 1:]]
+        assert set(np.unique(content).tolist()) == {-1, 1, 3}, "content words come from the subset's domains only"
+        # The stored floor is the restricted process's, on these very tokens, and it is the optimum:
+        # the full language's predictor (uniform over all 8 domains) scores the same tokens worse.
+        ce = -first.optimal_log_probs(ids).mean()
+        assert ce == pytest.approx(first.bounds[split]["cross_entropy"], abs=1e-12)
+        assert full.language.optimal_cross_entropy(first.word_ids(ids)) > ce + 1e-3
+    assert set(np.unique(_column(other.dataset["train"], "domain")[:, 1:]).tolist()) == {4, 5}
+    # Each subset draws from its own streams: on shared ones, the grammar of 4-5 would copy that of 1,3.
+    grammar = [_column(corpus.dataset["train"], "word_class") for corpus in (first, other)]
+    assert not np.array_equal(*grammar)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ _CODAS = ("", "", "", "", "n", "r", "l", "s", "m", "k", "t")
 # (say, a bigger lexicon) must not shift the examples of another.
 _LEXICON_STREAM = 101
 _SPLIT_STREAMS = {"train": 1, "validation": 2, "test": 3}
+# A domain subset draws its splits from streams of its own (keyed by the subset): on shared streams the
+# same uniform draws would make the corpus of domains 4-7 a word-for-word relabelling of that of 0-3.
+_SUBSET_STREAM = 201
 
 
 def _grammar_matrix() -> np.ndarray:
@@ -197,6 +200,11 @@ class SyntheticCorpusConfig:
     probability that the next sentence of a document moves to another domain (uniformly among the
     others), ``p_end`` the probability that the document ends after a sentence. ``seq_len`` counts
     the leading ``[BOS]``. The same ``seed`` always gives the same lexicon, examples and bounds.
+
+    ``domains`` restricts every split to a subset of the domains (``"0-3"``, ``"0,2,5"``, ``"4"``;
+    None: all of them). The language stays the same (lexicon, tokenizer, grammar); only the hidden
+    Markov model's domain prior and switches are restricted to the subset (see ``SyntheticLanguage``),
+    so the exact bound holds for the restricted corpus too.
     """
 
     num_domains: int = 8
@@ -213,6 +221,7 @@ class SyntheticCorpusConfig:
     num_validation: int = 500
     num_test: int = 500
     seed: int = 0
+    domains: str | None = None
 
     def __post_init__(self) -> None:
         self._check_int("num_domains", 2, "an integer >= 2 (homonyms need two domains)")
@@ -223,6 +232,11 @@ class SyntheticCorpusConfig:
         self._check_float("zipf_exponent", 0.0, 10.0, "a number in [0, 10]")
         for name in ("homonym_rate", "homonym_class_change", "p_switch", "p_end"):
             self._check_float(name, 0.0, 1.0, "a probability in [0, 1]")
+        if self.domains is not None:
+            try:
+                parse_domain_subset(self.domains, self.num_domains)
+            except ValueError as err:
+                self._fail("domains", str(err))
 
     def _fail(self, name: str, allowed: str) -> None:
         raise ValueError(
@@ -245,8 +259,58 @@ class SyntheticCorpusConfig:
     def content_class_sizes(self) -> dict[int, int]:
         return {NOUN: self.nouns, VERB: self.verbs, ADJ: self.adjectives}
 
+    @property
+    def domain_subset(self) -> tuple[int, ...]:
+        """The domains the corpus is drawn from, in increasing order (all of them by default)."""
+        if self.domains is None:
+            return tuple(range(self.num_domains))
+        return parse_domain_subset(self.domains, self.num_domains)
+
+    @property
+    def restricts_domains(self) -> bool:
+        """Whether ``domains`` leaves some domain out (a subset naming every domain is the default corpus)."""
+        return len(self.domain_subset) < self.num_domains
+
+    @property
+    def label_classes(self) -> dict[str, int]:
+        """The number of values each ground-truth label column can take in this language, whatever
+        domains a corpus is drawn from: models trained on two subsets in turn need the same label space."""
+        function_words = 1 + sum(FUNCTION_CLASS_SIZES.values()) + len(PUNCTUATION_MARKS)  # [EOD] first
+        content_words = self.num_domains * sum(self.content_class_sizes.values())
+        senses = function_words + content_words
+        return {"domain": self.num_domains, "word_class": len(WORD_CLASS_NAMES), "sense": senses}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+DOMAIN_SUBSET_FORMS = "a range such as 0-3, a list such as 0,2,5, or one index such as 4"
+
+
+def parse_domain_subset(text: str, num_domains: int) -> tuple[int, ...]:
+    """``"0-3"``, ``"0,2,5"``, ``"4"`` or a mix (``"0-2,5"``) -> sorted domain indices.
+
+    Raises ``ValueError`` whose message says what is allowed and what is wrong, for the caller to
+    prefix with the field or flag the text came from.
+    """
+    allowed = f"domain indices in 0-{num_domains - 1} (num_domains={num_domains}): {DOMAIN_SUBSET_FORMS}"
+    if not isinstance(text, str):
+        raise ValueError(f"{allowed}; got a {type(text).__name__}, not text")
+    chosen: list[int] = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not (low.strip().isdigit() and (not dash or high.strip().isdigit())):
+            raise ValueError(f"{allowed} ({part.strip()!r} is not an index or a range)")
+        first, last = int(low), int(high) if dash else int(low)
+        if first > last:
+            raise ValueError(f"{allowed} (the range {first}-{last} runs backwards)")
+        if last >= num_domains:
+            raise ValueError(f"{allowed} ({last} is out of range)")
+        for domain in range(first, last + 1):
+            if domain in chosen:
+                raise ValueError(f"{allowed} (domain {domain} is named twice)")
+            chosen.append(domain)
+    return tuple(sorted(chosen))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,6 +491,14 @@ class SyntheticLanguage:
     plus a final end-of-document state that emits ``[EOD]``. ``transition[s, s']`` is the
     probability of the next word's state, ``initial`` the state distribution of the first word after
     ``[BOS]`` (a document start), ``emission[s, w]`` the probability of surface word ``w``.
+
+    With ``config.domains`` set, the process itself is restricted, not its output filtered: a
+    document starts in a subset domain (uniform prior over the subset) and a switch moves to another
+    subset domain (``p_switch``, uniform among the others; a one-domain subset never switches). The
+    other domains' states stay in the state space, unreachable, so state ids, emissions and the
+    lexicon are those of the full language, and the forward algorithm over this ``transition`` is the
+    exact bound of the corpus actually sampled. Dropping the documents of other domains from full
+    samples would not be: examples cross document boundaries and documents switch domain midway.
     """
 
     def __init__(self, config: SyntheticCorpusConfig) -> None:
@@ -437,7 +509,9 @@ class SyntheticLanguage:
         self.eod_state = self.num_domains * self.num_grammar_states
         self.num_states = self.eod_state + 1
         self.vocab_size = len(self.words)
-        self.domain_prior = np.full(self.num_domains, 1.0 / self.num_domains)
+        self.domain_subset = config.domain_subset
+        self.domain_prior = np.zeros(self.num_domains)
+        self.domain_prior[list(self.domain_subset)] = 1.0 / len(self.domain_subset)
 
         self.state_domain = np.r_[np.repeat(np.arange(self.num_domains), self.num_grammar_states), -1]
         self.state_grammar = np.r_[np.tile(np.arange(self.num_grammar_states), self.num_domains), -1]
@@ -467,14 +541,20 @@ class SyntheticLanguage:
         cfg, G, D = self.config, self.num_grammar_states, self.num_domains
         grammar, start = _grammar_matrix(), _start_vector()
         T = np.zeros((self.num_states, self.num_states))
+        subset = self.domain_subset
         for d in range(D):
             block = slice(d * G, (d + 1) * G)
             T[block, block] = grammar
             end = d * G + END_STATE
             T[end, self.eod_state] = cfg.p_end
-            for target in range(D):
-                stay = target == d
-                domain_prob = (1.0 - cfg.p_switch) if stay else cfg.p_switch / (D - 1)
+            for target in subset:
+                if d not in subset:  # never reached; any distribution keeps the row stochastic
+                    domain_prob = self.domain_prior[target]
+                elif len(subset) == 1:  # nowhere to switch to
+                    domain_prob = 1.0
+                else:
+                    stay = target == d
+                    domain_prob = (1.0 - cfg.p_switch) if stay else cfg.p_switch / (len(subset) - 1)
                 T[end, target * G : (target + 1) * G] += (1.0 - cfg.p_end) * domain_prob * start
         for target in range(D):
             T[self.eod_state, target * G : (target + 1) * G] = self.domain_prior[target] * start
@@ -727,6 +807,7 @@ class SyntheticCorpus:
             "language_vocab_size": self.language.vocab_size,
             "num_states": self.language.num_states,
             "num_homonyms": len(self.language.homonym_word_ids),
+            "domains": list(self.config.domain_subset),
             "bounds": self.bounds,
             "baselines": self.baselines,
             "baseline_smoothing_k": BASELINE_SMOOTHING,
@@ -743,8 +824,13 @@ class SyntheticCorpus:
 
 def split_rng(config: SyntheticCorpusConfig, split: str) -> np.random.Generator:
     """The random stream of one split; each split is its own draw, so splits never share examples
-    by construction (beyond chance repeats, which at 127 words are astronomically unlikely)."""
-    return np.random.default_rng([config.seed, _SPLIT_STREAMS[split]])
+    by construction (beyond chance repeats, which at 127 words are astronomically unlikely). A domain
+    subset has streams of its own, so two subsets' corpora are independent draws too."""
+    if not config.restricts_domains:
+        return np.random.default_rng([config.seed, _SPLIT_STREAMS[split]])
+    # The subset as a bit mask: one non-zero integer per subset (SeedSequence reads [x, 0] as [x]).
+    mask = sum(1 << domain for domain in config.domain_subset)
+    return np.random.default_rng([config.seed, _SPLIT_STREAMS[split], _SUBSET_STREAM, mask])
 
 
 def _build_tokenizer(language: SyntheticLanguage, train_word_ids: np.ndarray):
@@ -815,7 +901,14 @@ def build_synthetic_corpus(config: SyntheticCorpusConfig | None = None) -> Synth
     samples = {split: language.sample(n, split_rng(config, split)) for split, n in sizes.items()}
     lap("sample")
 
-    tokenizer = _build_tokenizer(language, samples["train"]["word_ids"])
+    tokenizer_text = samples["train"]["word_ids"]
+    if config.restricts_domains:
+        # The word-level tokenizer numbers words by their train frequency: a subset's own train text
+        # would renumber the vocabulary. Every subset keeps the full corpus's tokenizer, so a model
+        # trained on one subset reads another.
+        full = dataclasses.replace(config, domains=None)
+        tokenizer_text = SyntheticLanguage(full).sample(full.num_train, split_rng(full, "train"))["word_ids"]
+    tokenizer = _build_tokenizer(language, tokenizer_text)
     word_to_token = np.array([tokenizer.convert_tokens_to_ids(w) for w in language.words], dtype=np.int64)
     one_to_one = len(np.unique(word_to_token)) == language.vocab_size
     if np.any(word_to_token == tokenizer.unk_token_id) or not one_to_one:
