@@ -68,6 +68,7 @@ class TrainRecipe:
     batch_size: int = 4
     learning_rate: float = 3e-3
     weight_decay: float = 0.1
+    optim: str = "adamw_torch_fused"  # transformers' default; any TrainingArguments.optim (adafactor, adamw_torch, ...)
     warmup_steps: int = 100
     lr_scheduler: str = "cosine"
     max_grad_norm: float = 1.0
@@ -180,9 +181,10 @@ def plan(job: TrainJob) -> dict[str, Any]:
     _check_output_dir(output_dir, job.overwrite)
     # The last word on the training knobs is transformers' own: build the arguments once now.
     try:
-        training_arguments(recipe, output_dir / "trainer", arch)
+        args = training_arguments(recipe, output_dir / "trainer", arch)
     except ValueError as err:
         raise UsageError(f"--set: {str(err).splitlines()[0]}") from None
+    _check_optimizer(args)
     return {
         "arch": arch,
         "recipe": recipe,
@@ -226,6 +228,18 @@ def _check_recipe(recipe: TrainRecipe) -> None:
         raise UsageError(f"--set seed={recipe.seed}: expected an integer in [0, 2**32)")
     _check_lr_scheduler(recipe.lr_scheduler)
     _report_to(recipe.report_to)
+
+
+def _check_optimizer(args: DecollapseTrainingArguments) -> None:
+    """An ``optim`` that transformers knows may still need a package that is not installed (bitsandbytes,
+    galore, ...): resolve its class now, not after the data is built."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ValueError, ImportError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--set optim={args.optim.value}: {first}") from None
 
 
 def _check_lr_scheduler(name: str) -> None:
@@ -319,6 +333,7 @@ def training_arguments(recipe: TrainRecipe, output_dir: Path, arch=None) -> Deco
         per_device_eval_batch_size=recipe.eval_batch_size,
         learning_rate=recipe.learning_rate,
         weight_decay=recipe.weight_decay,
+        optim=recipe.optim,
         warmup_steps=recipe.warmup_steps,
         lr_scheduler_type=recipe.lr_scheduler,
         max_grad_norm=recipe.max_grad_norm,
@@ -521,14 +536,18 @@ def probe_batch(split, size: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def run(job: TrainJob) -> dict[str, Any]:
-    """Runs the job; returns the final metrics. Raises UsageError or NonFiniteLossError."""
+def run(job: TrainJob, data=None) -> dict[str, Any]:
+    """Runs the job; returns the final metrics. Raises UsageError or NonFiniteLossError.
+
+    ``data``: what ``load_data`` returns for this job, when the caller already built it (``decollapse
+    sweep`` trains its best trial again on the corpus its trials used, without building it twice).
+    """
     parts = plan(job)
     recipe: TrainRecipe = parts["recipe"]
     output_dir: Path = parts["output_dir"]
     job.output_dir = output_dir  # the caller reports where the run went, also on failure
     set_seed(recipe.seed)
-    dataset, tokenizer, corpus_summary = load_data(job, parts)
+    dataset, tokenizer, corpus_summary = data if data is not None else load_data(job, parts)
     seq_len = len(dataset["train"][0]["input_ids"])
     if job.init_checkpoint is not None:
         model = continued_model(parts, job.init_checkpoint, tokenizer, dataset["train"])

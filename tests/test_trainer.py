@@ -250,3 +250,25 @@ def test_every_term_reaches_report_to_integrations(tmp_path):
     for tag in ("train/task_loss", "train/aux/head_similarity", "train/aux_weighted/head_similarity",
                 "train/aux_weight/head_similarity", "train/grad_norm", "train/collapse/layer0.heads.similar_pair_fraction"):
         assert tag in tags, f"{tag} missing from TensorBoard; have {sorted(tags)[:12]}"
+
+
+def test_with_model_init_every_train_starts_afresh_learned_weights_included(tmp_path):
+    """Trainer.hyperparameter_search trains one Trainer once per trial, each time on a fresh model from
+    model_init: the learned Kendall-Gal log-variances must start afresh too, or a trial would begin
+    where the previous one ended. Same seed, fresh start: the second run repeats the first."""
+    args = DecollapseTrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=4,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, loss_weighting="kendall_gal",
+    )
+    trainer = DecollapseTrainer(
+        model_init=lambda: tiny_model("dense", head_diversity_weight=0.5), args=args, train_dataset=_data(),
+        data_collator=_collate,
+    )
+
+    def run():
+        trainer.train()
+        return [(e["loss"], e["aux_weight/head_similarity"]) for e in trainer.state.log_history if "task_loss" in e]
+
+    first = run()
+    assert len({w for _, w in first}) > 1, "the weight is learned within a run"
+    assert run() == first

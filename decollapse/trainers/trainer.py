@@ -82,13 +82,7 @@ class DecollapseTrainer(Trainer):
                 f"aux_weights names unknown term(s) {unknown}; this model reports: "
                 f"{', '.join(sorted(defaults)) or 'no auxiliary terms'}"
             )
-        weights = {**defaults, **overrides}
-        self.loss_weighting = LossWeighting(
-            weights,
-            strategy=getattr(args, "loss_weighting", "fixed"),
-            warmup_steps=getattr(args, "aux_warmup_steps", 0),
-            learn_task_weight=getattr(args, "learn_task_weight", False),
-        ).to(args.device)
+        self._start_run(model)
         # State that moves outside the gradient (SoME's key stores) moves after each optimizer step.
         # Imported here: the callbacks module imports this one.
         from .callbacks import StepUpdateCallback
@@ -97,10 +91,30 @@ class DecollapseTrainer(Trainer):
             self.add_callback(StepUpdateCallback())
         # Our compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self._train_terms: dict[str, torch.Tensor] = {}
-        self._train_count = 0
         self._eval_terms: dict[str, torch.Tensor] = {}
         self._eval_count = 0
+
+    def _start_run(self, model) -> None:
+        """The loss weighting of ``model``'s terms, and nothing accumulated for the next training log."""
+        args = self.args
+        defaults = dict(getattr(model.config, "aux_loss_weights", {}) or {})
+        self.loss_weighting = LossWeighting(
+            {**defaults, **(getattr(args, "aux_weights", None) or {})},
+            strategy=getattr(args, "loss_weighting", "fixed"),
+            warmup_steps=getattr(args, "aux_warmup_steps", 0),
+            learn_task_weight=getattr(args, "learn_task_weight", False),
+        ).to(args.device)
+        self._train_terms: dict[str, torch.Tensor] = {}
+        self._train_count = 0
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        # With ``model_init``, every train() trains a fresh model (hyperparameter_search's trials): its
+        # learned Kendall-Gal log-variances and the terms averaged for the next log start afresh too,
+        # or a trial would begin where the previous one (or a diverged one) stopped.
+        if hasattr(self, "loss_weighting"):  # Trainer.__init__ calls this before ours builds them
+            self._start_run(model)
+        return model
 
     # -- optimisation --------------------------------------------------------------------------
     def create_optimizer(self, model=None):
