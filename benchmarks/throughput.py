@@ -8,7 +8,8 @@
 
 What it measures (``benchmarks/README.md`` has the long form):
 
-- **tokens/s** over full training steps (forward + backward + AdamW step + zero_grad), all models in
+- **tokens/s** over full training steps (forward + backward + AdamW step + the model's
+  ``after_optimizer_step()`` hook where it has one, as ``DecollapseTrainer`` calls it + zero_grad), all models in
   train mode with dropout 0, SDPA attention and the same optimizer.
   - For ``dense``: two models, decollapse dense and the reference of identical width, depth, heads,
     MLP width, vocabulary and sequence length (``GPT2LMHeadModel`` for causal_lm,
@@ -330,10 +331,17 @@ class Trainee:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.round_tokens_per_s: list[float] = []
 
+        # The state a model moves outside the optimizer (SoME's key stores, usage and balance bias) is
+        # part of its training step: DecollapseTrainer calls this hook after every optimizer step. Timing
+        # without it would also leave that state frozen, a routing no real run reaches.
+        self.after_step = getattr(self.model, "after_optimizer_step", None)
+
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def static_bytes(self) -> int:
@@ -532,7 +540,7 @@ def render(result: dict[str, typing.Any]) -> str:
         )
     lines += [
         f"timing: {t['rounds']} interleaved rounds ({order}) x {t['steps']} steps after {t['warmup']} "
-        f"warm-up steps; AdamW lr={t['lr']} wd={t['weight_decay']}; fwd+bwd+step+zero_grad",
+        f"warm-up steps; AdamW lr={t['lr']} wd={t['weight_decay']}; fwd+bwd+step+after_optimizer_step+zero_grad",
         f"matmul peak: {fmt_si(result['matmul_peak_flops'], 'FLOP/s')} (fp32 {result['matmul_size']}^2, best of "
         f"{result['matmul_repeats']}); FLOPs/token = 6*(N_nonemb + d*V) + 12*L*d*T (nanoGPT estimate_mfu)",
         "",

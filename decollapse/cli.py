@@ -1,4 +1,5 @@
-"""The ``decollapse`` command line: ``train``, ``ablate``, ``heatmap``, ``lifelong``, ``sweep``, ``eval``, ``diagnose``, ``homonyms``, ``export``, ``card``, ``push``, ``list``.
+"""The ``decollapse`` command line: ``train``, ``ablate``, ``heatmap``, ``lifelong``, ``sweep``, ``eval``,
+``diagnose``, ``homonyms``, ``export``, ``card``, ``push``, ``list``.
 
 Bad input gets one line on stderr and exit code 2; nothing is left half-written.
 """
