@@ -11,6 +11,7 @@ last good state (from before the update that led to it, and finite on the probe 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -146,6 +147,12 @@ def plan(job: TrainJob) -> dict[str, Any]:
         config = arch.config_class(**sets["model"])
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    for setting, (module, extra) in config.required_extras.items():
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(
+                f"--set {setting}={getattr(config, setting)}: needs {module}, which is not installed; "
+                f"pip install 'decollapse[{extra}]'"
+            )
     seq_len, seq_knob = (
         (corpus_config.seq_len, "corpus.seq_len") if job.dataset == SYNTHETIC else (recipe.block_size, "block_size")
     )
@@ -673,12 +680,22 @@ def held_out_metrics(trainer, dataset, columns: list[str], corpus_summary, objec
 
 
 def evaluate_checkpoint(parts: dict[str, Any], checkpoint: Path, dataset, tokenizer, corpus_summary,
-                        show_progress: bool = True) -> dict[str, Any]:
+                        show_progress: bool = True, inference: dict[str, Any] | None = None) -> dict[str, Any]:
     """``held_out_metrics`` of the model saved in ``checkpoint`` on another dataset (same tokenizer),
     through the same Trainer evaluation a training run ends with; ``parts`` is the ``plan`` of a job
-    with the checkpoint's architecture, settings and recipe."""
+    with the checkpoint's architecture, settings and recipe. ``inference`` sets configuration fields
+    that change how the trained model is served, not what it learned (SoME's ``key_search``)."""
     recipe, objective = parts["recipe"], parts["objective"]
     model = continued_model(parts, checkpoint, tokenizer)
+    for name, value in (inference or {}).items():
+        if not hasattr(model.config, name):
+            raise UsageError(f"{name}: not a setting of {type(model.config).__name__}")
+        setattr(model.config, name, value)
+    if inference:
+        try:
+            model.config.validate()
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     columns = ["input_ids", *model.aux_label_columns]
     scratch = Path(tempfile.mkdtemp(prefix=".decollapse-eval-"))
     try:

@@ -75,6 +75,10 @@ def _feed(router, queries, indices, gates=None, mask=None):
         ({"init_method": "xavier"}, "init_method='xavier'"),
         ({"router_temperature": 0.0}, "router_temperature=0.0"),
         ({"use_beta": "no"}, "use_beta='no' is not allowed: expected true or false"),
+        ({"key_search": "annoy"}, "key_search='annoy' is not allowed: expected one of 'exact', 'faiss_flat'"),
+        ({"key_search": "faiss_hnsw", "num_experts_per_tok": 1},
+         "key_search='faiss_hnsw' is not allowed: expected 'exact' with num_experts_per_tok=1"),
+        ({"key_search_nprobe": 0}, "key_search_nprobe=0 is not allowed: expected a positive integer"),
     ],
 )
 def test_config_names_the_bad_field_and_what_is_allowed(overrides, message):
@@ -569,3 +573,132 @@ def test_train_writes_frozen_share_headline_names_and_the_key_map(tmp_path):
             assert f"layer{i}.experts.{name}" in names
     assert (out / "plots" / "layer0_experts_key_store.png").is_file()
     assert (out / "plots" / "layer0_experts_usage_share.png").is_file()
+
+
+# -- key search by an index (inference only) --------------------------------------------------------
+
+
+def _routings(model, input_ids):
+    """Each layer's (indices, gates) of one forward."""
+    found = {}
+    hooks = [layer.moe.register_forward_hook(lambda m, a, out, i=i: found.__setitem__(i, out[1]))
+             for i, layer in enumerate(model.base_model.layers)]
+    try:
+        logits = model(input_ids=input_ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, [(found[i].indices, found[i].gates) for i in sorted(found)]
+
+
+def _biased_tiny_model(**overrides):
+    model = tiny_model("some", num_experts=48, **overrides)
+    with torch.no_grad():  # a bias large enough to change which keys win, as a balanced router's does
+        for layer in model.base_model.layers:
+            layer.moe.router.balance_bias.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf", "faiss_hnsw"])
+def test_an_index_selects_the_experts_the_exact_search_selects_bias_included(backend):
+    pytest.importorskip("faiss")
+    model = _biased_tiny_model()
+    ids = _ids(batch=3, length=16)
+    exact_logits, exact = _routings(model, ids)
+    model.config.key_search = backend
+    # 48 keys: the inverted lists number min(4√N, N/39) = 1 and HNSW's efSearch (64) exceeds N, so at
+    # this size every backend is exhaustive and must agree exactly; benchmarks/some_search.py measures
+    # the recall where they are not.
+    logits, indexed = _routings(model, ids)
+    for (i_exact, g_exact), (i_index, g_index) in zip(exact, indexed):
+        assert torch.equal(i_exact.sort(-1).values, i_index.sort(-1).values)
+    torch.testing.assert_close(logits, exact_logits, rtol=1e-5, atol=1e-5)
+    assert all(layer.moe.router._search_index is not None for layer in model.base_model.layers)
+
+
+def test_the_index_is_rebuilt_when_keys_or_bias_move_and_only_then():
+    pytest.importorskip("faiss")
+    model = _biased_tiny_model(key_search="faiss_flat")
+    router = model.base_model.layers[0].moe.router
+    ids = _ids(batch=2, length=16)
+    model(input_ids=ids)
+    built = router._search_index
+    model(input_ids=ids)
+    assert router._search_index is built  # nothing moved: the same index serves
+    for move in (lambda: router.key_store.copy_(torch.roll(router.key_store, 1, 0)),
+                 lambda: router.balance_bias.add_(torch.linspace(-1, 1, router.balance_bias.numel()))):
+        with torch.no_grad():
+            move()
+        _, indexed = _routings(model, ids)
+        assert router._search_index is not built
+        built = router._search_index
+        model.config.key_search = "exact"
+        _, exact = _routings(model, ids)
+        model.config.key_search = "faiss_flat"
+        assert torch.equal(indexed[0][0].sort(-1).values, exact[0][0].sort(-1).values)
+
+
+def test_training_searches_exactly_whatever_key_search_says():
+    model = _biased_tiny_model(key_search="faiss_hnsw").train()
+    model(input_ids=_ids(), labels=_ids())
+    router = model.base_model.layers[0].moe.router
+    assert router._search_index is None and router._pending is not None  # statistics from the exact selection
+
+
+def test_a_missing_faiss_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    import importlib
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    out = tmp_path / "run"
+    assert main(["train", "some", "--set", "key_search=faiss_ivf", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "key_search=faiss_ivf: needs faiss" in err and "decollapse[ann]" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+    import_module = importlib.import_module
+
+    def no_faiss(name, *args):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return import_module(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_faiss)
+    model = _biased_tiny_model(key_search="faiss_hnsw")
+    with pytest.raises(ImportError, match=r"pip install 'decollapse\[ann\]'"):
+        model(input_ids=_ids())
+
+
+def test_a_trained_checkpoint_served_through_an_index_scores_as_the_exact_search(tmp_path):
+    pytest.importorskip("faiss")
+    from decollapse.data import build_synthetic_corpus
+    from decollapse.runner import TrainJob, evaluate_checkpoint, plan
+
+    out = tmp_path / "run"
+    settings = ["corpus.num_train=64", "corpus.num_validation=16", "corpus.num_test=16", "corpus.seq_len=32",
+                "eval_steps=4", "num_experts=48", "expert_intermediate_size=16"]
+    assert main(["train", "some", "--max-steps", "4", "--output-dir", str(out), "--no-progress", "--set", *settings]) == 0
+    job = TrainJob(arch="some", output_dir=tmp_path / "unused", settings=dict(s.split("=") for s in settings))
+    parts = plan(job)
+    corpus = build_synthetic_corpus(parts["corpus_config"])
+    scores = {
+        search: evaluate_checkpoint(parts, out, corpus.dataset, corpus.tokenizer, corpus.summary(),
+                                    show_progress=False, inference={"key_search": search})
+        for search in ("exact", "faiss_flat")
+    }
+    assert scores["exact"]["validation_loss"] == pytest.approx(scores["faiss_flat"]["validation_loss"], rel=1e-6)
+    assert scores["exact"]["test_loss"] == pytest.approx(scores["faiss_flat"]["test_loss"], rel=1e-6)
+
+
+def test_the_search_benchmark_runs_and_states_a_crossover(capsys):
+    pytest.importorskip("faiss")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("some_search", REPO / "benchmarks" / "some_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--sizes", "64,256", "--rounds", "1", "--repeats", "1", "--warmup", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 256 |" in out and "crossover:" in out
+    assert bench.main(["--backends", "faiss_hnsw"]) == 2

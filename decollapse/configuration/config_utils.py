@@ -105,6 +105,12 @@ class DecollapseConfig(PreTrainedConfig):
         if getattr(self, field) % getattr(self, by_field) != 0:
             self._fail(field, f"a multiple of {by_field}={getattr(self, by_field)}")
 
+    @property
+    def required_extras(self) -> dict[str, tuple[str, str]]:
+        """Setting -> (importable module, ``decollapse`` extra) that this configuration needs beyond the
+        base install; checked before a run starts so a missing extra is one line, not a failure later."""
+        return {}
+
     # -- the auxiliary-loss contract --------------------------------------------------------------
     @property
     def aux_loss_weights(self) -> dict[str, float]:

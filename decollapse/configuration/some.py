@@ -66,6 +66,18 @@ class SomeConfig(DecollapseConfig):
             balancing of DeepSeek-V3, a per-expert bias added to the scores for selection only, moved by
             ``balance_rate`` against the sign of the expert's load error after each step.
         balance_rate: step of the ``bias_sign`` balance (u in Wang et al. 2024).
+        key_search: how evaluation and generation find the top-k keys: ``"exact"`` (a matmul and a
+            top-k over every key; the default) or an approximate FAISS index over the keys (and the
+            balance bias, as one more coordinate): ``"faiss_flat"`` (exhaustive, exact up to ties),
+            ``"faiss_ivf"`` (inverted lists) or ``"faiss_hnsw"`` (a navigable small-world graph). Needs
+            the ``ann`` extra. Training always searches exactly, since the keys or the bias move after
+            every step; the index is built on first use and rebuilt whenever they have moved. Gates are
+            the exact softmax of the found keys' scores, so ``num_experts_per_tok`` must be at least 2 (one
+            expert's gate normalises over every key's score). ``benchmarks/some_search.py`` measures
+            when an index pays (docs/SOME.md: up to 65,536 keys on a CPU it does not).
+        key_search_nprobe: inverted lists ``faiss_ivf`` visits per query (of ``min(4√N, N/39)``).
+        key_search_ef: candidate list size of ``faiss_hnsw``'s search (efSearch; the graph has 32 links
+            per node).
     """
 
     model_type = "decollapse_some"
@@ -76,6 +88,7 @@ class SomeConfig(DecollapseConfig):
     ALPHA_RULES: ClassVar[tuple[str, ...]] = ("mean", "damped_sum")
     FORGET_RULES: ClassVar[tuple[str, ...]] = ("restart", "shrink")
     BALANCES: ClassVar[tuple[str, ...]] = ("none", "bias_sign")
+    KEY_SEARCHES: ClassVar[tuple[str, ...]] = ("exact", "faiss_flat", "faiss_ivf", "faiss_hnsw")
 
     num_attention_heads: int = 2
     attention_dropout: float = 0.0
@@ -102,6 +115,9 @@ class SomeConfig(DecollapseConfig):
     forget_rule: str = "restart"
     balance: str = "bias_sign"
     balance_rate: float = 0.001
+    key_search: str = "exact"
+    key_search_nprobe: int = 8
+    key_search_ef: int = 64
 
     def validate(self) -> None:
         if self.key_size is None:
@@ -122,6 +138,10 @@ class SomeConfig(DecollapseConfig):
         self.check_choice("alpha_rule", self.ALPHA_RULES)
         self.check_choice("forget_rule", self.FORGET_RULES)
         self.check_choice("balance", self.BALANCES)
+        self.check_choice("key_search", self.KEY_SEARCHES)
+        self.check_positive("key_search_nprobe", "key_search_ef")
+        if self.key_search != "exact" and self.num_experts_per_tok < 2:
+            self._fail("key_search", "'exact' with num_experts_per_tok=1 (one expert's gate needs every key's score)")
         self.check_range("init_sparsity", 0.0, 1.0, high_inclusive=False)
         for name in ("router_temperature", "router_eval_temperature"):
             self.check_range(name, 0.0, float("inf"), low_inclusive=False, high_inclusive=False)
@@ -132,6 +152,11 @@ class SomeConfig(DecollapseConfig):
         for name in ("use_alpha", "use_beta", "use_delta"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "true or false")
+
+    @property
+    def required_extras(self) -> dict[str, tuple[str, str]]:
+        """Setting -> (module, extra) this configuration needs beyond the base install."""
+        return {"key_search": ("faiss", "ann")} if self.key_search != "exact" else {}
 
     @property
     def head_dim(self) -> int:

@@ -25,6 +25,7 @@ Dhariwal et al. 2020 (Jukebox) for the dead-code restart of a vector-quantisatio
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -242,6 +243,52 @@ class RoutingStatistics:
         self.merge_candidates(torch.cat(scores), torch.cat(queries))
 
 
+def _faiss():
+    """The ``faiss`` module, or an ImportError naming the extra. Imported by name so that a Hub copy of
+    this file (which may import only torch and transformers) loads without it."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        raise ImportError(
+            "SoME key_search with a FAISS index needs faiss: pip install 'decollapse[ann]' (or faiss-cpu), "
+            "or set config.key_search='exact'"
+        ) from None
+
+
+class KeySearchIndex:
+    """A FAISS index over one router's keys for the top-k search of evaluation and generation.
+
+    Scores are inner products of unit vectors. The balance bias, which the selection adds to every
+    score, is one more coordinate: a key ``[k, b]`` against a query ``[q, 1]`` scores ``q · k + b``,
+    so the index finds what the exact selection finds. ``stamp`` identifies the keys and bias it was
+    built from (their tensors' in-place version counters), so a moved key store is never searched stale.
+    """
+
+    def __init__(self, config: SomeConfig, vectors: torch.Tensor, stamp: tuple):
+        faiss = _faiss()
+        n, width = vectors.shape
+        metric = faiss.METRIC_INNER_PRODUCT
+        data = vectors.detach().float().cpu().contiguous().numpy()
+        if config.key_search == "faiss_flat":
+            index = faiss.IndexFlatIP(width)
+        elif config.key_search == "faiss_ivf":
+            # FAISS wants >= 39 training points per list; 4·sqrt(N) lists is its usual starting point.
+            lists = max(1, min(round(4 * n**0.5), n // 39))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, metric)
+            index.train(data)
+            index.nprobe = min(config.key_search_nprobe, lists)
+        else:  # faiss_hnsw
+            index = faiss.IndexHNSWFlat(width, 32, metric)
+            index.hnsw.efSearch = config.key_search_ef
+        index.add(data)
+        self.index, self.stamp = index, stamp
+
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """(n, width) float32 queries -> (n, k) key ids, -1 where the index found fewer than k."""
+        _, found = self.index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+        return torch.from_numpy(found).to(device=queries.device, dtype=torch.long)
+
+
 class SomeRouter(nn.Module):
     """Query network, key store and Knowledge Gravity of one SoME layer.
 
@@ -276,6 +323,7 @@ class SomeRouter(nn.Module):
         # would replace every other process's statistics with rank 0's.
         self._pending: RoutingStatistics | None = None
         self._stale_forwards = 0
+        self._search_index: KeySearchIndex | None = None  # built on first indexed search, not saved
 
     def reset_state(self) -> None:
         """Random unit keys, uniform usage, zero bias: the state of a new layer."""
@@ -292,15 +340,20 @@ class SomeRouter(nn.Module):
         return F.normalize(keys, dim=-1) if self.config.key_update == "gradient" else keys
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
-        """(n, d) tokens -> (indices (n, k), gates (n, k) float32, queries (n, dk), scores (n, N))."""
+        """(n, d) tokens -> (indices (n, k), gates (n, k) float32, queries (n, dk), scores (n, N), or None when
+        an index searched the keys)."""
         c = self.config
         # Routing in float32 whatever the autocast dtype: top-k over nearly equal bf16 scores is noise.
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             queries = F.normalize(self.query(hidden_states.float()), dim=-1)
+            temperature = c.router_temperature if self.training else c.router_eval_temperature
+            if c.key_search != "exact" and not self.training:
+                indices = self._indexed_top_k(queries)
+                picked = (queries.unsqueeze(1) * self.keys()[indices]).sum(-1)  # exact scores of the found keys
+                return indices, torch.softmax(picked / temperature, dim=-1), queries, None
             scores = queries @ self.keys().T  # (n, N)
             selection = scores + self.balance_bias if c.balance == "bias_sign" else scores
             indices = selection.detach().topk(c.num_experts_per_tok, dim=-1).indices
-            temperature = c.router_temperature if self.training else c.router_eval_temperature
             if c.num_experts_per_tok == 1:
                 gates = torch.softmax(scores / temperature, dim=-1).gather(-1, indices)
             else:
@@ -308,6 +361,34 @@ class SomeRouter(nn.Module):
         if self.training:
             self._accumulate(queries, scores, indices, gates, token_mask)
         return indices, gates, queries, scores
+
+    @torch.no_grad()
+    def _indexed_top_k(self, queries: torch.Tensor) -> torch.Tensor:
+        """The ``num_experts_per_tok`` best keys of each query by ``config.key_search``'s index (rebuilt
+        when the keys, the bias or the search settings changed since it was built)."""
+        c = self.config
+        stamp = (
+            c.key_search, c.key_search_nprobe, c.key_search_ef, c.balance,
+            self.key_store._version, self.key_store.data_ptr(), self.balance_bias._version, self.balance_bias.data_ptr(),
+        )
+        if self._search_index is None or self._search_index.stamp != stamp:
+            self._search_index = KeySearchIndex(c, self._search_vectors(), stamp)
+        if c.balance == "bias_sign":
+            queries = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], dim=-1)
+        indices = self._search_index.search(queries, c.num_experts_per_tok)
+        missing = (indices < 0).any(-1)
+        if bool(missing.any()):
+            # An inverted-list search can visit fewer than k keys; those queries fall back to the exact search.
+            exact = queries[missing] @ self._search_vectors().T
+            indices[missing] = exact.topk(c.num_experts_per_tok, dim=-1).indices
+        return indices
+
+    def _search_vectors(self) -> torch.Tensor:
+        """Keys as the selection scores them: ``[k, b]`` with the balance bias ``b`` (queries get a 1)."""
+        keys = self.keys()
+        if self.config.balance != "bias_sign":
+            return keys
+        return torch.cat([keys, self.balance_bias.float().unsqueeze(-1)], dim=-1)
 
     @torch.no_grad()
     def _accumulate(self, queries, scores, indices, gates, token_mask) -> None:
