@@ -122,6 +122,16 @@ def measure_size(n: int, args, backends: list[str]) -> dict:
     return row
 
 
+def served_variants(backends: list[str]) -> list[tuple[str, dict]]:
+    """Each backend at the configuration's search effort, and IVF / HNSW also at their least effort."""
+    variants = [(b, {"key_search": b}) for b in backends]
+    for backend, (knob, values) in EFFORT.items():
+        if backend in backends:
+            variants.append((f"{backend} {knob.removeprefix('key_search_')}={values[0]}",
+                             {"key_search": backend, knob: values[0]}))
+    return variants
+
+
 def measure_run(run: Path, backends: list[str]) -> dict:
     """Perplexity and per-layer recall of a trained ``some`` model served with each search."""
     from decollapse.data import build_synthetic_corpus
@@ -133,29 +143,28 @@ def measure_run(run: Path, backends: list[str]) -> dict:
     corpus = build_synthetic_corpus(parts["corpus_config"])
     model = continued_model(parts, run, corpus.tokenizer).eval()
     probe = torch.tensor(corpus.dataset["validation"]["input_ids"][:16])
+    k = model.config.num_experts_per_tok
+    out = {"run": str(run), "num_experts": model.config.num_experts, "served": {}}
     routed = {}
-    for backend in backends:
-        model.config.key_search = backend
+    for name, inference in [("exact", {"key_search": "exact"})] + served_variants(backends[1:]):
+        for field, value in {"key_search_nprobe": 8, "key_search_ef": 64, **inference}.items():
+            setattr(model.config, field, value)
         found = {}
-        hooks = [layer.moe.register_forward_hook(lambda m, a, out, i=i: found.__setitem__(i, out[1].indices))
+        hooks = [layer.moe.register_forward_hook(lambda m, a, o, i=i: found.__setitem__(i, o[1].indices))
                  for i, layer in enumerate(model.base_model.layers)]
         with torch.no_grad():
             model(input_ids=probe)
         for hook in hooks:
             hook.remove()
-        routed[backend] = found
-    out = {"run": str(run), "num_experts": model.config.num_experts, "backends": {}}
-    for backend in backends:
+        routed[name] = found
         metrics = evaluate_checkpoint(parts, run, corpus.dataset, corpus.tokenizer, corpus.summary(),
-                                      show_progress=False, inference={"key_search": backend})
-        out["backends"][backend] = {
+                                      show_progress=False, inference=inference)
+        out["served"][name] = {
+            "inference": inference,
             "validation_perplexity": metrics["validation_perplexity"],
             "test_perplexity": metrics["test_perplexity"],
-            "recall_per_layer": [
-                recall(routed[backend][i].reshape(-1, model.config.num_experts_per_tok),
-                       routed["exact"][i].reshape(-1, model.config.num_experts_per_tok))
-                for i in sorted(routed["exact"])
-            ],
+            "recall_per_layer": [recall(found[i].reshape(-1, k), routed["exact"][i].reshape(-1, k))
+                                 for i in sorted(found)],
         }
     return out
 
@@ -205,7 +214,7 @@ def render(result: dict) -> str:
         run = result["run"]
         lines += ["", f"trained model {run['run']} ({run['num_experts']} experts per layer):", "",
                   "| search | val ppl | test ppl | recall per layer (probe batch) |", "|---|---|---|---|"]
-        for name, e in run["backends"].items():
+        for name, e in run["served"].items():
             recalls = " / ".join(f"{r:.3f}" for r in e["recall_per_layer"])
             lines.append(f"| {name} | {e['validation_perplexity']:.3f} | {e['test_perplexity']:.3f} | {recalls} |")
     return "\n".join(lines)

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an architecture (on the embedded corpus by default)")
     _add_run_arguments(train, "runs/<arch>-<timestamp>", "override model, training (train.*) or corpus (corpus.*) knobs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--resume", type=Path, default=None, metavar="DIR",
+        help="continue a run stopped by SIGINT/SIGTERM (or saved with --set save_steps=N) from its latest "
+        "checkpoint: DIR is the run's --output-dir (or its DIR.checkpoints); the run keeps its own settings",
+    )
 
     ablate = sub.add_parser(
         "ablate", help="a grid of train runs (full factorial, optionally crossed with named cases) and one table"
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .runner import TrainJob, UsageError, run
+    from .runner import RunInterrupted, TrainJob, UsageError, resumable_job, run
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
 
@@ -255,23 +260,44 @@ def _cmd_train(args) -> int:
         settings = parse_assignments(args.settings)
     except SettingError as err:
         return _fail(str(err))
+    if args.resume is not None:
+        given = [flag for flag, value in (("--set", args.settings), ("--max-steps", args.max_steps),
+                                          ("--output-dir", args.output_dir), ("--overwrite", args.overwrite))
+                 if value]
+        if args.dataset != "synthetic":
+            given.append("--dataset")
+        if given:
+            return _fail(f"--resume continues a run with the settings it was started with; drop {', '.join(given)}")
+        try:
+            resumed = resumable_job(args.resume)
+        except UsageError as err:
+            return _fail(str(err))
+        if resumed.arch != args.arch:
+            return _fail(f"--resume {args.resume}: that run trains {resumed.arch}, not {args.arch}")
     if args.no_progress:  # the bars of datasets and model loading; the runner leaves out the Trainer's
         import datasets
         import transformers
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    job = TrainJob(
-        arch=args.arch,
-        dataset=args.dataset,
-        output_dir=args.output_dir,
-        overwrite=args.overwrite,
-        settings=settings,
-        max_steps=args.max_steps,
-        show_progress=not args.no_progress,
-    )
+    if args.resume is not None:
+        job = resumed
+        job.show_progress = not args.no_progress
+    else:
+        job = TrainJob(
+            arch=args.arch,
+            dataset=args.dataset,
+            output_dir=args.output_dir,
+            overwrite=args.overwrite,
+            settings=settings,
+            max_steps=args.max_steps,
+            show_progress=not args.no_progress,
+        )
     try:
         summary = run(job)
+    except RunInterrupted as stop:
+        sys.stderr.write(f"decollapse: {stop}\n")
+        return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(stop.signal_name, 1)
     except UsageError as err:
         return _fail(str(err))
     except NonFiniteLossError as err:

@@ -35,11 +35,13 @@ from .registry import get_architecture
 from .settings import apply_settings
 from .trainers import (
     CollapseMonitorCallback,
+    CollatorStateCallback,
     DecollapseTrainer,
     DecollapseTrainingArguments,
     NonFiniteGuardCallback,
     NonFiniteLossError,
     QuietProgressCallback,
+    StopOnSignalCallback,
 )
 from .trainers.weighting import LossWeighting
 
@@ -54,6 +56,18 @@ MIN_TRAIN_LOGS = 10
 
 class UsageError(ValueError):
     """Bad input from the user: reported as one line with exit code 2."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT / SIGTERM at a step boundary, with a checkpoint to resume from. A
+    KeyboardInterrupt, so that commands running several jobs stop as on Ctrl-C."""
+
+    def __init__(self, signal_name: str, step: int, job: "TrainJob", checkpoint: Path):
+        self.signal_name, self.step, self.job, self.checkpoint = signal_name, step, job, checkpoint
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint in {checkpoint}; "
+            f"continue with: decollapse train {job.arch} --resume {job.output_dir}"
+        )
 
 
 @dataclass
@@ -89,6 +103,8 @@ class TrainRecipe:
     max_prefix_fraction: float = 0.5
     block_size: int = 128
     report_to: str = "none"
+    save_steps: int = 0  # > 0: a resumable checkpoint every N steps in OUTPUT.checkpoints/ (kept after the run)
+    save_total_limit: int = 2  # checkpoints kept there (the oldest are deleted)
 
 
 @dataclass
@@ -103,6 +119,63 @@ class TrainJob:
     # A `decollapse train` folder whose model this job trains further (weights and configuration; the
     # optimizer and schedule start fresh), instead of a freshly initialised one.
     init_checkpoint: Path | None = None
+    # A Trainer checkpoint of this same job (``OUTPUT.checkpoints/checkpoint-N``) to continue from:
+    # weights, optimizer, schedule, RNG states, data position, loss weighting and state buffers.
+    resume_from: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``--resume`` needs to rebuild this job (progress display and resume point excluded)."""
+        # Absolute paths: a scheduler may resume the job from another working directory.
+        dataset = self.dataset
+        if dataset != SYNTHETIC and _looks_local(dataset):
+            dataset = str(Path(dataset).expanduser().absolute())
+        return {
+            "arch": self.arch,
+            "dataset": dataset,
+            "output_dir": str(Path(self.output_dir).absolute()),
+            "overwrite": self.overwrite,
+            "settings": dict(self.settings),
+            "max_steps": self.max_steps,
+            "init_checkpoint": None if self.init_checkpoint is None else str(Path(self.init_checkpoint).absolute()),
+        }
+
+
+JOB_FILE = "job.json"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    """Where a run keeps its resumable checkpoints: beside its output folder, which stays untouched
+    until the run completes (``runs/x`` -> ``runs/x.checkpoints``)."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + ".checkpoints")
+
+
+def resumable_job(folder: Path) -> TrainJob:
+    """The job an interrupted run (its output folder or its ``.checkpoints`` folder) was started as,
+    set to continue from its latest checkpoint. Raises UsageError when there is nothing to resume."""
+    folder = Path(folder)
+    candidates = [folder] if folder.name.endswith(".checkpoints") else [checkpoints_dir(folder), folder]
+    root = next((c for c in candidates if (c / JOB_FILE).is_file()), None)
+    if root is None:
+        raise UsageError(
+            f"--resume {folder}: not a resumable run (no {JOB_FILE} in {' or '.join(map(str, candidates))}); "
+            "a run leaves one when it is stopped by SIGINT/SIGTERM or saves with --set save_steps=N"
+        )
+    try:
+        saved = json.loads((root / JOB_FILE).read_text())
+        job = TrainJob(**{**saved, "output_dir": Path(saved["output_dir"])})
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"--resume {folder}: unreadable {root / JOB_FILE} ({err})") from None
+    if job.init_checkpoint is not None:
+        job.init_checkpoint = Path(job.init_checkpoint)
+    steps = sorted(
+        (int(p.name.split("-")[1]), p) for p in root.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+    )
+    if not steps:
+        raise UsageError(f"--resume {folder}: {root} holds no complete checkpoint-N folder")
+    job.resume_from = steps[-1][1]
+    return job
 
 
 def default_output_dir(arch: str) -> Path:
@@ -184,8 +257,14 @@ def plan(job: TrainJob) -> dict[str, Any]:
     if job.dataset != SYNTHETIC and _looks_local(job.dataset) and not Path(job.dataset).expanduser().exists():
         raise UsageError(f"--dataset {job.dataset}: no such file or directory")
 
-    output_dir = job.output_dir or default_output_dir(arch.name)
+    output_dir = Path(job.output_dir or default_output_dir(arch.name))
     _check_output_dir(output_dir, job.overwrite)
+    checkpoints = checkpoints_dir(output_dir)
+    if job.resume_from is None and checkpoints.exists() and not job.overwrite:
+        raise UsageError(
+            f"--output-dir {output_dir}: {checkpoints} holds checkpoints of an earlier run; continue it with "
+            f"--resume {output_dir}, or pass --overwrite to start again"
+        )
     # The last word on the training knobs is transformers' own: build the arguments once now.
     try:
         args = training_arguments(recipe, output_dir / "trainer", arch)
@@ -233,6 +312,10 @@ def _check_recipe(recipe: TrainRecipe) -> None:
         )
     if not 0 <= recipe.seed < 2**32:  # numpy's seed range (set_seed seeds numpy too)
         raise UsageError(f"--set seed={recipe.seed}: expected an integer in [0, 2**32)")
+    if recipe.save_steps < 0:
+        raise UsageError(f"--set save_steps={recipe.save_steps}: expected an integer >= 0 (0: no periodic checkpoints)")
+    if recipe.save_total_limit <= 0:
+        raise UsageError(f"--set save_total_limit={recipe.save_total_limit}: expected a positive integer")
     _check_lr_scheduler(recipe.lr_scheduler)
     _report_to(recipe.report_to)
 
@@ -349,7 +432,10 @@ def training_arguments(recipe: TrainRecipe, output_dir: Path, arch=None) -> Deco
         logging_steps=recipe.logging_steps,
         eval_strategy="steps",
         eval_steps=recipe.eval_steps,
-        save_strategy="no",
+        # Without save_steps the only checkpoint is the one a SIGINT/SIGTERM asks for (StopOnSignalCallback).
+        save_strategy="steps" if recipe.save_steps else "no",
+        **({"save_steps": recipe.save_steps} if recipe.save_steps else {}),
+        save_total_limit=recipe.save_total_limit,
         report_to=[] if report_to == "none" else report_to,
         dataloader_num_workers=0,
         # The runner selects the columns itself; the Trainer's own pruning would drop label columns a
@@ -563,12 +649,19 @@ def run(job: TrainJob, data=None) -> dict[str, Any]:
     probe = probe_batch(dataset["validation"], recipe.probe_size or parts["arch"].probe_size)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoints_dir(output_dir)
+    if job.resume_from is None and checkpoints.exists():  # --overwrite: plan() refused it otherwise
+        shutil.rmtree(checkpoints)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     guard = NonFiniteGuardCallback()
     try:
         metrics = _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work, guard)
+    except RunInterrupted:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     except NonFiniteLossError as err:
         shutil.rmtree(work, ignore_errors=True)
+        _drop_if_no_checkpoint(checkpoints)
         # What was kept travels with the error, for the one line the caller prints.
         collator = build_collator(parts["objective"], tokenizer, recipe)
         err.last_good, err.last_good_note = _keep_last_good(
@@ -577,15 +670,30 @@ def run(job: TrainJob, data=None) -> dict[str, Any]:
         raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        _drop_if_no_checkpoint(checkpoints)
         raise
     publish(work, output_dir)
+    if recipe.save_steps == 0:  # only an interruption put checkpoints there; the finished run needs none
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return metrics
+
+
+def _drop_if_no_checkpoint(checkpoints: Path) -> None:
+    """A failed run leaves its periodic checkpoints (resumable) but not an empty folder."""
+    if checkpoints.is_dir() and not any(checkpoints.glob("checkpoint-*")):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def _write_job(job: TrainJob, checkpoints: Path) -> None:
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2) + "\n")
 
 
 def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summary, work: Path, guard):
     recipe: TrainRecipe = parts["recipe"]
     objective = parts["objective"]
-    args = training_arguments(recipe, work / "trainer", parts["arch"])
+    checkpoints = checkpoints_dir(job.output_dir)
+    args = training_arguments(recipe, checkpoints, parts["arch"])
     try:
         collator = build_collator(objective, tokenizer, recipe)
     except ValueError as err:
@@ -594,24 +702,34 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     train = dataset["train"].select_columns(keep)
     validation = dataset["validation"].select_columns(keep)
     monitor = CollapseMonitorCallback(probe, every_n_steps=recipe.monitor_every, stop_on_alarm=recipe.stop_on_alarm)
+    stopper = StopOnSignalCallback()
+    collator_state = CollatorStateCallback(collator)
     try:
         trainer = DecollapseTrainer(
             model=model,
             args=args,
             train_dataset=train,
             eval_dataset=validation,
-            data_collator=collator,
+            data_collator=collator_state.wrap(),
             processing_class=tokenizer,
-            callbacks=[monitor, guard],
+            callbacks=[monitor, guard, stopper, collator_state],
             eval_data_collator=lambda: build_collator(objective, tokenizer, recipe),
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
     if trainer.pop_callback(ProgressCallback) is not None and job.show_progress:
         trainer.add_callback(QuietProgressCallback)
+    if recipe.save_steps:
+        _write_job(job, checkpoints)
+    if job.resume_from is not None:
+        collator_state.restore(str(job.resume_from))
     started = time.time()
-    trainer.train()
+    with stopper:
+        trainer.train(resume_from_checkpoint=None if job.resume_from is None else str(job.resume_from))
     train_seconds = time.time() - started
+    if stopper.step is not None and stopper.step < trainer.state.max_steps:
+        _write_job(job, checkpoints)
+        raise RunInterrupted(stopper.received, stopper.step, job, checkpoints / f"checkpoint-{stopper.step}")
 
     final = held_out_metrics(trainer, dataset, keep, corpus_summary, objective)
 
@@ -623,10 +741,9 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     checkpoint = work  # the folder root is the checkpoint: from_pretrained(DIR) just works
     trainer.save_model(str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
-    # report_to integrations (tensorboard) write under the Trainer's scratch folder: keep their logs.
-    if (work / "trainer" / "runs").is_dir():
-        (work / "trainer" / "runs").rename(work / "tensorboard")
-    shutil.rmtree(work / "trainer", ignore_errors=True)
+    # report_to integrations (tensorboard) write under the Trainer's output folder: keep their logs.
+    if (checkpoints / "runs").is_dir():
+        shutil.move(str(checkpoints / "runs"), str(work / "tensorboard"))
     # The Trainer pickles its arguments next to the weights; a checkpoint holds no pickle files.
     (work / "training_args.bin").unlink(missing_ok=True)
     save_file({k: v.contiguous() for k, v in probe.items()}, str(work / "probe_batch.safetensors"))
@@ -637,7 +754,8 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         "dataset": job.dataset,
         "steps": trainer.state.global_step,
         "train_tokens": trainer.state.global_step * recipe.batch_size * len(train[0]["input_ids"]),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 1),  # this process's training time (since the resume, if any)
+        "resumed_from": None if job.resume_from is None else os.path.relpath(job.resume_from, job.output_dir),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "recipe": asdict(recipe),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from decollapse.trainers import (
     CollapseMonitorCallback,
@@ -272,3 +272,31 @@ def test_with_model_init_every_train_starts_afresh_learned_weights_included(tmp_
     first = run()
     assert len({w for _, w in first}) > 1, "the weight is learned within a run"
     assert run() == first
+
+
+class _LogVarProbe(TrainerCallback):
+    """Records each optimizer step's log-variance before the step and its gradient at the step."""
+
+    def __init__(self, weighting, name):
+        self.param, self.before, self.grads = weighting.log_vars[name], [], []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.before.append(self.param.item())
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.grads.append(self.param.grad.item())
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_kendall_gal_steps_on_this_steps_gradient_only(tmp_path, accumulation):
+    """The Trainer zeroes the model's gradients, not those of the log-variances beside it: each optimizer
+    step must see d/ds [½e^{-s}·L + ½s] = ½ - ½e^{-s}·L of its own batch, not a sum since step 0."""
+    trainer = _trainer(tmp_path, loss_weighting="kendall_gal", logging_steps=1, max_steps=4,
+                       per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation)
+    probe = _LogVarProbe(trainer.loss_weighting, "head_similarity")
+    trainer.add_callback(probe)
+    trainer.train()
+    terms = [e["aux/head_similarity"] for e in trainer.state.log_history if "task_loss" in e]
+    expected = [0.5 - 0.5 * math.exp(-s) * term for s, term in zip(probe.before, terms)]
+    assert len(probe.grads) == 4
+    assert probe.grads == pytest.approx(expected, rel=1e-4, abs=1e-6)

@@ -80,6 +80,14 @@ class _CollatorBase:
             self._rng_key = key
         return self._rng
 
+    def rng_state(self) -> dict | None:
+        """The main-process generator's state (None before its first draw), for checkpoints."""
+        return None if self._rng is None or self._rng_key is not None else self._rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        """Continues the main-process stream from a ``rng_state()``."""
+        self._generator().bit_generator.state = state
+
     def _real_rows(self, features: Sequence[dict[str, Any]]) -> list[np.ndarray]:
         """Each row's real token ids, in order: those where its ``attention_mask`` is 1 (all of
         them without a mask). Gathering rather than slicing also accepts left-padded rows."""

@@ -3,9 +3,11 @@
 from .callbacks import (
     CollapseAlarm,
     CollapseMonitorCallback,
+    CollatorStateCallback,
     NonFiniteGuardCallback,
     QuietProgressCallback,
     StepUpdateCallback,
+    StopOnSignalCallback,
 )
 from .trainer import DecollapseTrainer, DecollapseTrainingArguments, NonFiniteLossError
 from .weighting import STRATEGIES, LossWeighting
@@ -13,6 +15,7 @@ from .weighting import STRATEGIES, LossWeighting
 __all__ = [
     "CollapseAlarm",
     "CollapseMonitorCallback",
+    "CollatorStateCallback",
     "DecollapseTrainer",
     "DecollapseTrainingArguments",
     "LossWeighting",
@@ -21,4 +24,5 @@ __all__ = [
     "QuietProgressCallback",
     "STRATEGIES",
     "StepUpdateCallback",
+    "StopOnSignalCallback",
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -339,3 +342,132 @@ class StepUpdateCallback(TrainerCallback):
         logs = {key: value / self._steps for key, value in self._sums.items()}
         self._sums, self._steps = {}, 0
         return logs
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """SIGINT or SIGTERM (what a cluster scheduler sends before it kills a job) stops training at the
+    next step boundary with a checkpoint, instead of losing the run: the handler only records the
+    signal, and the next ``on_step_end`` asks the Trainer to save and stop. A second signal stops at
+    once (KeyboardInterrupt). Under data parallelism the ranks agree (any rank signalled stops all),
+    so every rank saves the same step and none waits in a collective for another that has left.
+
+    Use as a context manager around ``trainer.train()``; handlers are installed only in the main
+    thread (Python delivers signals nowhere else) and restored on exit.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.received: str | None = None
+        self.step: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame) -> None:
+        import signal
+
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        logger.warning("%s received: stopping after this step with a checkpoint (again to stop at once)", self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self.received is None:
+                self.received = "a signal to another process"
+        if stop:
+            self.step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class CollatorStateCallback(TrainerCallback):
+    """Saves the data collator's own random stream with each checkpoint and restores it on resume.
+
+    A seeded collator (masking, deletion, prefix lengths) draws from a generator of its own, so that its
+    batches do not depend on what else uses the global RNGs; the Trainer checkpoints the global RNGs
+    only. Without this, a resumed masked-LM run would mask its remaining batches as from step 0.
+    The state saved is the one before the first batch training has not consumed: the data loader
+    collates ahead of training (accelerate looks one batch ahead to find the end of an epoch), so the
+    collator's current state is already past the checkpoint. Give the Trainer ``wrap()`` as its
+    collator so the states before each batch are recorded.
+    Handles ``transformers``' collators (a ``torch.Generator`` in ``generator``) and decollapse's
+    (``rng_state()`` / ``set_rng_state()``).
+    """
+
+    FILE = "collator_rng.json"
+
+    def __init__(self, collator):
+        self.collator = collator
+        self._before: deque = deque(maxlen=64)  # stream state before each of the latest batches
+        self._produced = 0
+        self._start_step = 0
+
+    def wrap(self):
+        def collate(features):
+            self._before.append(self._state())
+            self._produced += 1
+            return self.collator(features)
+
+        return collate
+
+    def _state(self) -> dict | None:
+        getter = getattr(self.collator, "rng_state", None)
+        if getter is not None:
+            state = getter()
+            return None if state is None else {"kind": "decollapse", "state": state}
+        generator = getattr(self.collator, "generator", None)
+        if isinstance(generator, torch.Generator):
+            return {"kind": "torch", "state": generator.get_state().tolist()}
+        return None  # unseeded, or no draw yet: a fresh stream is the right one
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._before.clear()
+        self._produced, self._start_step = 0, state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        consumed = (state.global_step - self._start_step) * args.gradient_accumulation_steps
+        ahead = self._produced - consumed
+        saved = self._before[-ahead] if 0 < ahead <= len(self._before) else self._state()
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if saved is not None and os.path.isdir(folder) and args.should_save:
+            with open(os.path.join(folder, self.FILE), "w") as fh:
+                json.dump(saved, fh)
+
+    def restore(self, checkpoint: str) -> None:
+        """Puts the collator's stream where it was when ``checkpoint`` was saved (no-op without one)."""
+        path = os.path.join(checkpoint, self.FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path) as fh:
+            saved = json.load(fh)
+        if saved["kind"] == "decollapse":
+            self.collator.set_rng_state(saved["state"])
+        else:
+            self.collator.create_rng("pt")  # the generator transformers would create on the first batch
+            self.collator.generator.set_state(torch.tensor(saved["state"], dtype=torch.uint8))

@@ -106,6 +106,7 @@ class DecollapseTrainer(Trainer):
         ).to(args.device)
         self._train_terms: dict[str, torch.Tensor] = {}
         self._train_count = 0
+        self._weighting_grads_step: int | None = None
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -117,6 +118,15 @@ class DecollapseTrainer(Trainer):
         return model
 
     # -- optimisation --------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The Trainer zeroes the model's gradients after each optimizer step, not those of parameters
+        # that live outside the model: without this, the Kendall-Gal log-variances would be moved by the
+        # sum of every gradient since step 0 (and a resumed run, whose sums restart, would diverge).
+        if self._weighting_grads_step != self.state.global_step:
+            self.loss_weighting.zero_grad(set_to_none=True)
+            self._weighting_grads_step = self.state.global_step
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         params = [p for p in self.loss_weighting.parameters() if p.requires_grad]
@@ -202,6 +212,29 @@ class DecollapseTrainer(Trainer):
             loss = output.metrics[f"{prefix}_loss"]
             output.metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 50 else float("inf")
         return output
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The Trainer restores the optimizer state of the log-variances (their own parameter group) but
+        # not their values, which live beside the weights: without this, a resumed Kendall-Gal run
+        # weights its terms as at step 0 while the optimizer continues from step N.
+        path = os.path.join(resume_from_checkpoint, "loss_weighting.json")
+        if self.loss_weighting.strategy != "kendall_gal":
+            return
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{resume_from_checkpoint}: no loss_weighting.json, so the Kendall-Gal log-variances cannot be "
+                "restored (was it saved by a run with loss_weighting=kendall_gal?)"
+            )
+        with open(path) as fh:
+            saved = json.load(fh)["log_vars"]
+        if set(saved) != set(self.loss_weighting.log_vars):
+            raise ValueError(
+                f"{path}: log-variances of {sorted(saved)}, this run weights {sorted(self.loss_weighting.log_vars)}"
+            )
+        with torch.no_grad():
+            for name, value in saved.items():
+                self.loss_weighting.log_vars[name].fill_(value)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
