@@ -105,6 +105,8 @@ class TrainRecipe:
     report_to: str = "none"
     save_steps: int = 0  # > 0: a resumable checkpoint every N steps in OUTPUT.checkpoints/ (kept after the run)
     save_total_limit: int = 2  # checkpoints kept there (the oldest are deleted)
+    bf16: bool = False  # bfloat16 autocast (CPU or GPU); weights, optimizer and routing stay float32
+    fp16: bool = False  # float16 autocast with loss scaling (CUDA only)
 
 
 @dataclass
@@ -316,6 +318,10 @@ def _check_recipe(recipe: TrainRecipe) -> None:
         raise UsageError(f"--set save_steps={recipe.save_steps}: expected an integer >= 0 (0: no periodic checkpoints)")
     if recipe.save_total_limit <= 0:
         raise UsageError(f"--set save_total_limit={recipe.save_total_limit}: expected a positive integer")
+    if recipe.bf16 and recipe.fp16:
+        raise UsageError("--set bf16=true fp16=true: choose one mixed precision")
+    if recipe.fp16 and not torch.cuda.is_available():
+        raise UsageError("--set fp16=true: float16 training needs a CUDA device here; use bf16=true on a CPU")
     _check_lr_scheduler(recipe.lr_scheduler)
     _report_to(recipe.report_to)
 
@@ -436,6 +442,8 @@ def training_arguments(recipe: TrainRecipe, output_dir: Path, arch=None) -> Deco
         save_strategy="steps" if recipe.save_steps else "no",
         **({"save_steps": recipe.save_steps} if recipe.save_steps else {}),
         save_total_limit=recipe.save_total_limit,
+        bf16=recipe.bf16,
+        fp16=recipe.fp16,
         report_to=[] if report_to == "none" else report_to,
         dataloader_num_workers=0,
         # The runner selects the columns itself; the Trainer's own pruning would drop label columns a
