@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .runner import RunInterrupted, TrainJob, UsageError, resumable_job, run
+    from .runner import RunInterrupted, TrainJob, UsageError, is_main_process, resumable_job, run
     from .settings import SettingError, parse_assignments
     from .trainers import NonFiniteLossError
 
@@ -296,13 +296,16 @@ def _cmd_train(args) -> int:
     try:
         summary = run(job)
     except RunInterrupted as stop:
-        sys.stderr.write(f"decollapse: {stop}\n")
+        if is_main_process():
+            sys.stderr.write(f"decollapse: {stop}\n")
         return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(stop.signal_name, 1)
     except UsageError as err:
         return _fail(str(err))
     except NonFiniteLossError as err:
         kept = getattr(err, "last_good_note", "nothing kept")
         return _fail(f"{err}; training stopped, {kept}")
+    if not is_main_process():
+        return 0
     metrics = summary["metrics"]
     print(f"wrote {job.output_dir}")
     for split in ("validation", "test"):

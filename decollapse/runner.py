@@ -145,6 +145,27 @@ class TrainJob:
 JOB_FILE = "job.json"
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (torchrun, accelerate), or the only process. Read from the
+    launcher's RANK before the Trainer has joined the process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_launch() -> None:
+    """``accelerate launch --cpu --num_processes N`` starts one process (accelerate starts several CPU
+    processes only through mpirun) and sets MASTER_ADDR without WORLD_SIZE: training would silently
+    run on one process at 1/N of the intended global batch."""
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise UsageError(
+            "accelerate launch --cpu --num_processes N starts a single process here (accelerate needs mpirun "
+            "for several CPU processes); use `accelerate launch --multi_gpu --num_processes N` (gloo on a "
+            "CPU) or `torchrun --nproc_per_node N`"
+        )
+
+
 def checkpoints_dir(output_dir: Path) -> Path:
     """Where a run keeps its resumable checkpoints: beside its output folder, which stays untouched
     until the run completes (``runs/x`` -> ``runs/x.checkpoints``)."""
@@ -185,6 +206,7 @@ def default_output_dir(arch: str) -> Path:
 
 
 def plan(job: TrainJob) -> dict[str, Any]:
+    _check_launch()
     """Validates the whole job and returns its resolved parts; raises UsageError on bad input."""
     try:
         arch = get_architecture(job.arch)
@@ -658,7 +680,7 @@ def run(job: TrainJob, data=None) -> dict[str, Any]:
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpoints_dir(output_dir)
-    if job.resume_from is None and checkpoints.exists():  # --overwrite: plan() refused it otherwise
+    if job.resume_from is None and checkpoints.exists() and is_main_process():  # --overwrite (else refused)
         shutil.rmtree(checkpoints)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     guard = NonFiniteGuardCallback()
@@ -669,17 +691,23 @@ def run(job: TrainJob, data=None) -> dict[str, Any]:
         raise
     except NonFiniteLossError as err:
         shutil.rmtree(work, ignore_errors=True)
-        _drop_if_no_checkpoint(checkpoints)
+        if is_main_process():
+            _drop_if_no_checkpoint(checkpoints)
         # What was kept travels with the error, for the one line the caller prints.
         collator = build_collator(parts["objective"], tokenizer, recipe)
-        err.last_good, err.last_good_note = _keep_last_good(
-            model, tokenizer, guard, probe, collator, output_dir, job.overwrite
+        err.last_good, err.last_good_note = (
+            _keep_last_good(model, tokenizer, guard, probe, collator, output_dir, job.overwrite)
+            if is_main_process() else (None, "the main process keeps the last good weights")
         )
         raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        _drop_if_no_checkpoint(checkpoints)
+        if is_main_process():
+            _drop_if_no_checkpoint(checkpoints)
         raise
+    if not is_main_process():  # every rank trained and evaluated; only the main process writes
+        shutil.rmtree(work, ignore_errors=True)
+        return metrics
     publish(work, output_dir)
     if recipe.save_steps == 0:  # only an interruption put checkpoints there; the finished run needs none
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -693,6 +721,8 @@ def _drop_if_no_checkpoint(checkpoints: Path) -> None:
 
 
 def _write_job(job: TrainJob, checkpoints: Path) -> None:
+    if not is_main_process():
+        return
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / JOB_FILE).write_text(json.dumps(job.to_json(), indent=2) + "\n")
 
@@ -745,6 +775,8 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     # Share of the weights that never train (SoME's expert library; 0 for the others), as a metric so
     # that comparison tables and model cards can read it like perplexity.
     final["frozen_parameter_share"] = sum(p.numel() for p in model.parameters() if not p.requires_grad) / total
+    if not is_main_process():
+        return {"metrics": final, "objective": objective, "alarms": []}
     report = model.collapse_report(probe)
     checkpoint = work  # the folder root is the checkpoint: from_pretrained(DIR) just works
     trainer.save_model(str(checkpoint))
@@ -761,7 +793,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         "objective": objective,
         "dataset": job.dataset,
         "steps": trainer.state.global_step,
-        "train_tokens": trainer.state.global_step * recipe.batch_size * len(train[0]["input_ids"]),
+        # Every process's tokens: world_size batches of batch_size per optimizer step.
+        "train_tokens": trainer.state.global_step * recipe.batch_size * trainer.args.world_size
+        * len(train[0]["input_ids"]),
+        "world_size": trainer.args.world_size,
         "train_seconds": round(train_seconds, 1),  # this process's training time (since the resume, if any)
         "resumed_from": None if job.resume_from is None else os.path.relpath(job.resume_from, job.output_dir),
         "num_parameters": sum(p.numel() for p in model.parameters()),

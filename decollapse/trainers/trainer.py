@@ -176,9 +176,9 @@ class DecollapseTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_train_log = "loss" in logs and not any(k.startswith("eval_") for k in logs)
         if is_train_log and self._train_count:
-            for key, value in self._train_terms.items():
+            for key, value in self._mean_over_processes(self._train_terms, self._train_count).items():
                 if key != "total_loss":  # the Trainer already logs the total as "loss"
-                    logs[key] = value.item() / self._train_count
+                    logs[key] = value
             for name, weight in self.loss_weighting.current_weights(self.state.global_step).items():
                 logs[f"aux_weight/{name}"] = weight
             self._train_terms, self._train_count = {}, 0
@@ -187,6 +187,18 @@ class DecollapseTrainer(Trainer):
             if pop is not None:
                 logs.update(pop())
         super().log(logs, start_time)
+
+    def _mean_over_processes(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Each term's mean over the batches this process saw, averaged over the processes (the Trainer
+        averages its own ``loss`` the same way): otherwise a multi-process run would log the main
+        process's share of the batch only. Called by every process at the same log or evaluation."""
+        names = sorted(sums)
+        means = torch.stack([sums[name].float() / count for name in names])
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            means = means.to(self.args.device)
+            torch.distributed.all_reduce(means)
+            means = means / self.args.world_size
+        return dict(zip(names, means.tolist()))
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
@@ -203,11 +215,11 @@ class DecollapseTrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self._eval_count:
-            for key, value in self._eval_terms.items():
+            for key, value in self._mean_over_processes(self._eval_terms, self._eval_count).items():
                 name = key.replace("aux_weighted/", "aux_weighted_").replace("aux/", "aux_").replace("metric/", "")
                 if key == "task_loss":
                     continue  # that is eval_loss
-                output.metrics[f"{prefix}_{name}"] = value.item() / self._eval_count
+                output.metrics[f"{prefix}_{name}"] = value
         if f"{prefix}_loss" in output.metrics:
             loss = output.metrics[f"{prefix}_loss"]
             output.metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 50 else float("inf")
