@@ -312,7 +312,13 @@ def _cmd_train(args) -> int:
         if summary["objective"] != "causal_lm":
             # Masked / denoising objectives: the held-out loss over the positions the objective scores.
             if f"{split}_loss" in metrics:
-                print(f"{split} {summary['objective']} loss {metrics[f'{split}_loss']:.4f}")
+                line = f"{split} {summary['objective']} loss {metrics[f'{split}_loss']:.4f}"
+                if f"{split}_optimal_loss" in metrics:
+                    line += (
+                        f"  (Bayes-optimal {metrics[f'{split}_optimal_loss']:.4f}, ratio "
+                        f"{metrics[f'{split}_loss_ratio']:.3f}; unigram {metrics[f'{split}_unigram_loss']:.4f})"
+                    )
+                print(line)
             continue
         if f"{split}_perplexity" not in metrics:
             continue

@@ -208,11 +208,29 @@ def write_report(
             f"| {split} | {m[f'{split}_loss']:.4f} | {m[f'{split}_perplexity']:.3f} | "
             f"{'n/a' if bound is None else f'{bound:.3f}'} | {'n/a' if ratio is None else f'{ratio:.3f}'} |"
         )
+    masked = [split for split in ("validation", "test") if f"{split}_optimal_loss" in m]
+    if masked:
+        lines += [
+            "",
+            "| split | masked-token loss (nats) | Bayes-optimal loss | ratio | unigram loss |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {split} | {m[f'{split}_loss']:.4f} | {m[f'{split}_optimal_loss']:.4f} | "
+            f"{m[f'{split}_loss_ratio']:.3f} | {m[f'{split}_unigram_loss']:.4f} |"
+            for split in masked
+        ]
     if corpus is not None:
         lines += [
             "",
             "The Bayes-optimal perplexity is computed exactly (forward algorithm over the generator's hidden "
-            "states) on the same examples and positions the model is scored on.",
+            "states) on the same examples and positions the model is scored on."
+            + (
+                " The masked-token floor is exact too (forward-backward with every position a noisy view of its "
+                "word through the masking collator's channel, at the evaluation's own masks); the unigram loss is "
+                "an add-k unigram model of the training split scored on the same masked positions."
+                if masked else ""
+            ),
         ]
     lines += ["", "## Collapse diagnostics (probe batch from the validation split)", "", report.to_markdown()]
     if summary.get("alarms"):

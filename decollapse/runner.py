@@ -837,7 +837,38 @@ def held_out_metrics(trainer, dataset, columns: list[str], corpus_summary, objec
             bound = corpus_summary["bounds"][split]["perplexity"]
             final[f"{split}_optimal_perplexity"] = bound
             final[f"{split}_perplexity_ratio"] = final[f"{split}_perplexity"] / bound
+    if corpus_summary is not None and objective == "masked_lm":
+        for split in ("validation", "test"):
+            if f"{split}_loss" not in final:
+                continue
+            floor = _masked_floor(trainer, dataset, split, corpus_summary)
+            final[f"{split}_optimal_loss"] = floor["optimal"]
+            final[f"{split}_loss_ratio"] = final[f"{split}_loss"] / floor["optimal"]
+            final[f"{split}_unigram_loss"] = floor["unigram"]
     return final
+
+
+def _masked_floor(trainer, dataset, split: str, corpus_summary) -> dict[str, float]:
+    """The exact Bayes-optimal masked-token loss of ``split`` at the very masks the evaluation drew:
+    the same fresh seeded collator, batch size and order as ``trainer.evaluate`` (one process)."""
+    from .data import SyntheticLanguage, masked_lm_floor
+
+    config_fields = dict(corpus_summary["config"])
+    language = SyntheticLanguage(SyntheticCorpusConfig(**config_fields))
+    collator = trainer.eval_data_collator() if trainer.eval_data_collator is not None else trainer.data_collator
+    rows = dataset[split]["input_ids"]
+    size = trainer.args.per_device_eval_batch_size
+
+    def batches():
+        for lo in range(0, len(rows), size):
+            batch = collator([{"input_ids": ids} for ids in rows[lo : lo + size]])
+            yield batch["input_ids"].numpy(), batch["labels"].numpy()
+
+    return masked_lm_floor(
+        language, trainer.processing_class, batches(), np.asarray(dataset["train"]["input_ids"]),
+        mask_prob=collator.mask_replace_prob, random_prob=collator.random_replace_prob,
+        select_prob=collator.mlm_probability,
+    )
 
 
 def evaluate_checkpoint(parts: dict[str, Any], checkpoint: Path, dataset, tokenizer, corpus_summary,

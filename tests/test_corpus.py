@@ -24,6 +24,7 @@ from decollapse.data import (
 from decollapse.data.synthetic import (
     BOS_WORD_ID,
     EOD_WORD_ID,
+    MaskingChannel,
     bigram_cross_entropy,
     unigram_cross_entropy,
 )
@@ -523,3 +524,72 @@ def test_text_generation_pipeline_keeps_the_space_between_prompt_and_continuatio
     words = generated.split()
     assert len(words) == len(prompt.split()) + 3, generated
     assert all(word in tokenizer.get_vocab() for word in words)
+
+
+# --------------------------------------------------------------------------------------------------
+# The masked-LM floor
+# --------------------------------------------------------------------------------------------------
+
+
+def _corrupt(language, words, rng, select=0.5):
+    """Labels and what a BERT-style collator shows the model, with every kind of view: [MASK] (-1), a
+    random token the language never emits (-2), a random word ([BOS] included) and the word kept."""
+    observed, labels = words.copy(), np.full(words.shape, -100)
+    for i, t in itertools.product(range(words.shape[0]), range(1, words.shape[1])):
+        if rng.random() < select:
+            labels[i, t] = words[i, t]
+            u = rng.random()
+            observed[i, t] = -1 if u < 0.6 else int(rng.integers(-2, language.vocab_size)) if u < 0.85 else words[i, t]
+    return observed, labels
+
+
+@pytest.mark.parametrize("tiny", [TINY, TINY_SUBSET], ids=["all-domains", "domain-subset"])
+def test_masked_floor_equals_brute_force_enumeration(tiny):
+    language = SyntheticLanguage(SyntheticCorpusConfig(seq_len=5, **tiny))
+    rng = np.random.default_rng(0)
+    words = language.sample(8, rng, seq_len=4)["word_ids"]
+    observed, labels = _corrupt(language, words, rng)
+    selectable = np.ones(language.vocab_size, dtype=bool)
+    selectable[BOS_WORD_ID] = False
+    channel = MaskingChannel(select_prob=0.3, mask_prob=0.8, random_prob=0.1, vocab_size=language.vocab_size + 7,
+                             selectable=selectable)
+    fast = language.masked_log_probs(observed, labels, channel)
+    brute = language.brute_force_masked_log_probs(observed, labels, channel)
+    assert len(fast) == (labels != -100).sum() >= 8
+    np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-10)
+    # The floor reads the context: masking every other position makes the targets harder to guess.
+    blind = observed.copy()
+    blind[:, 1:][labels[:, 1:] == -100] = -1
+    assert -language.masked_log_probs(blind, labels, channel).mean() > -fast.mean()
+
+
+def test_masked_lm_runs_report_the_exact_floor_at_the_evaluations_own_masks(tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    from decollapse.cli import main
+
+    seen = []
+    collate = DataCollatorForLanguageModeling.__call__
+
+    def recording(self, features, *args, **kwargs):
+        out = collate(self, features, *args, **kwargs)
+        seen.append((out["input_ids"].clone(), out["labels"].clone()))
+        return out
+
+    monkeypatch.setattr(DataCollatorForLanguageModeling, "__call__", recording)
+    out = tmp_path / "run"
+    assert main(["train", "dense", "--max-steps", "20", "--output-dir", str(out), "--no-progress", "--set",
+                 "objective=masked_lm", "corpus.num_train=64", "corpus.num_validation=24", "corpus.num_test=24",
+                 "corpus.seq_len=24", "eval_steps=100", "eval_batch_size=16"]) == 0
+    # The last collations: evaluate(validation), evaluate(test), then the floor of each: same masks.
+    evaluation, floor = seen[-8:-4], seen[-4:]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(evaluation, floor))
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    for split in ("validation", "test"):
+        optimal, unigram = metrics[f"{split}_optimal_loss"], metrics[f"{split}_unigram_loss"]
+        assert 0 < optimal < unigram < metrics[f"{split}_loss"]
+        assert metrics[f"{split}_loss_ratio"] == pytest.approx(metrics[f"{split}_loss"] / optimal)
+    printed = capsys.readouterr().out
+    assert f"validation masked_lm loss {metrics['validation_loss']:.4f}  (Bayes-optimal {metrics['validation_optimal_loss']:.4f}" in printed
+    assert "Bayes-optimal loss" in (out / "report.md").read_text()

@@ -9,6 +9,7 @@ from .synthetic import (
     SyntheticCorpusConfig,
     SyntheticLanguage,
     build_synthetic_corpus,
+    masked_lm_floor,
 )
 from .text import TextCorpus, load_text_corpus
 
@@ -24,4 +25,5 @@ __all__ = [
     "TextCorpus",
     "build_synthetic_corpus",
     "load_text_corpus",
+    "masked_lm_floor",
 ]

@@ -82,7 +82,8 @@ class _CollatorBase:
 
     def rng_state(self) -> dict | None:
         """The main-process generator's state (None before its first draw), for checkpoints."""
-        return None if self._rng is None or self._rng_key is not None else self._rng.bit_generator.state
+        rng = getattr(self, "_rng", None)  # collators that draw nothing never create one
+        return None if rng is None or self._rng_key is not None else rng.bit_generator.state
 
     def set_rng_state(self, state: dict) -> None:
         """Continues the main-process stream from a ``rng_state()``."""

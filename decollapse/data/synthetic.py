@@ -484,6 +484,24 @@ class _RowSampler:
         return self._cols[index]
 
 
+@dataclass(frozen=True)
+class MaskingChannel:
+    """How a BERT-style masking collator corrupts a sequence, as the masked-LM floor reads it: each
+    position whose word is ``selectable`` is selected with ``select_prob``; a selected position shows
+    ``[MASK]`` (``mask_prob``), a token drawn uniformly from the ``vocab_size`` tokenizer ids
+    (``random_prob``) or its own word (``keep_prob``, the rest)."""
+
+    select_prob: float
+    mask_prob: float
+    random_prob: float
+    vocab_size: int
+    selectable: np.ndarray  # [language words] bool
+
+    @property
+    def keep_prob(self) -> float:
+        return 1.0 - self.mask_prob - self.random_prob
+
+
 class SyntheticLanguage:
     """The hidden Markov model behind the synthetic corpus.
 
@@ -677,6 +695,103 @@ class SyntheticLanguage:
         """Mean nats per predicted token (all positions after ``[BOS]``) of the Bayes-optimal predictor."""
         return float(-self.log_probs(word_ids).mean())
 
+    def masked_log_probs(self, observed: np.ndarray, labels: np.ndarray, channel: "MaskingChannel") -> np.ndarray:
+        """Exact Bayes-optimal ``log p(w_t = label_t | every observed token, t was selected)`` of a masked
+        language model at each labelled position, in row-major order; shape ``[number of labels]``.
+
+        ``observed`` ([n, L] word ids, column 0 ``[BOS]``) is what the model reads after the masking
+        collator, with -1 for ``[MASK]`` and -2 for any other token the language never emits (a random
+        replacement can draw one); ``labels`` holds the original word where the collator selected a
+        position and -100 elsewhere. Every position is a noisy view of its word through ``channel``:
+        unselected it shows the word; selected, ``[MASK]``, a uniformly random token or the word. Which
+        other positions were selected is unknown to the model, so each contributes the marginal channel
+        likelihood ``λ_s(w)`` to a forward-backward pass; the target's own view is read given that it was
+        selected. The posterior is ``∝ Σ_z p(z_t = z | o_<t) β_t(z) e(z, w) · P(selected | w) ·
+        P(o_t | w, selected)``.
+        """
+        observed, labels = np.asarray(observed, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        if observed.ndim != 2 or observed.shape != labels.shape or observed.shape[1] < 2:
+            raise ValueError(f"observed and labels must share a shape [n, length >= 2]; got {observed.shape}, {labels.shape}")
+        selectable = channel.select_prob * channel.selectable.astype(float)  # P(selected | w)
+        # Σ_w e(z, w) P(selected | w): the part of every state's emission that could have been replaced.
+        replaceable = self.emission @ selectable
+        n, length = observed.shape
+        out = []
+        transition = scipy.sparse.csr_matrix(self.transition)
+        for lo in range(0, n, 256):
+            obs, lab = observed[lo : lo + 256], labels[lo : lo + 256]
+            m = obs.shape[0]
+            # Marginal channel likelihood of each state at each position: [length, states, m].
+            seen = np.where(obs >= 0, obs, 0)
+            kept = np.where(obs >= 0, 1.0 - selectable[seen] * (1.0 - channel.keep_prob), 0.0)
+            noise = channel.random_prob / channel.vocab_size + channel.mask_prob * (obs == -1)
+            likelihood = self._emission_by_word[seen].transpose(1, 2, 0) * kept.T[:, None, :]
+            likelihood = likelihood + noise.T[:, None, :] * replaceable[None, :, None]
+            # Forward (predicted state distributions before each position) and scaled backward.
+            predicted = np.empty((length, self.num_states, m))
+            scale = np.empty((length, m))
+            current = np.repeat(self.initial[:, None], m, axis=1)
+            for t in range(1, length):
+                predicted[t] = current
+                joint = current * likelihood[t]
+                scale[t] = joint.sum(axis=0)
+                current = self._transition_t @ (joint / scale[t])
+            backward = np.empty((length, self.num_states, m))
+            backward[length - 1] = 1.0
+            for t in range(length - 2, 0, -1):
+                backward[t] = transition @ (likelihood[t + 1] * backward[t + 1]) / scale[t + 1]
+            rows, cols = np.nonzero(lab[:, 1:] != -100)
+            cols = cols + 1
+            weights = predicted[cols, :, rows] * backward[cols, :, rows]  # [targets, states]
+            words = (weights @ self.emission) * selectable[None, :]
+            view = np.full(words.shape, channel.random_prob / channel.vocab_size)
+            view += channel.mask_prob * (obs[rows, cols] == -1)[:, None]
+            hit = obs[rows, cols] >= 0
+            view[np.flatnonzero(hit), obs[rows, cols][hit]] += channel.keep_prob
+            posterior = words * view
+            target = lab[rows, cols]
+            out.append(np.log(posterior[np.arange(len(target)), target]) - np.log(posterior.sum(axis=1)))
+        return np.concatenate(out) if out else np.empty(0)
+
+    def brute_force_masked_log_probs(
+        self, observed: np.ndarray, labels: np.ndarray, channel: "MaskingChannel", max_paths: int = 2_000_000
+    ) -> np.ndarray:
+        """``masked_log_probs`` by summing over every hidden path and every original word at each
+        position: ``p(w_t, o) = Σ_path p(path) Π_s Σ_w e(z_s, w) P(o_s | w)``; tiny configs only (tests)."""
+        selectable = channel.select_prob * channel.selectable.astype(float)
+        vocab = np.arange(self.vocab_size)
+        out = []
+        for obs, lab in zip(np.asarray(observed), np.asarray(labels)):
+            length = len(obs)
+            count = self.num_states ** (length - 1)
+            if count > max_paths:
+                raise ValueError(f"{count} hidden paths exceed max_paths={max_paths}; use a tiny config")
+
+            def view(t: int, given_selected: bool) -> np.ndarray:
+                """P(o_t | w) for every word w (selected or not, or given selected)."""
+                random = channel.random_prob / channel.vocab_size + channel.mask_prob * (obs[t] == -1)
+                replaced = random + channel.keep_prob * (vocab == obs[t])
+                if given_selected:
+                    return replaced
+                return (1.0 - selectable) * (vocab == obs[t]) + selectable * replaced
+
+            for t in range(1, length):
+                if lab[t] == -100:
+                    continue
+                joint = np.zeros(self.vocab_size)
+                for path in itertools.product(range(self.num_states), repeat=length - 1):
+                    prob = self.initial[path[0]]
+                    for k in range(1, length - 1):
+                        prob *= self.transition[path[k - 1], path[k]]
+                    if prob == 0.0:
+                        continue
+                    for s in range(1, length):
+                        if s != t:
+                            prob *= float(self.emission[path[s - 1]] @ view(s, False))
+                    joint += prob * self.emission[path[t - 1]] * selectable * view(t, True)
+                out.append(math.log(joint[lab[t]]) - math.log(math.fsum(joint.tolist())))
+        return np.asarray(out)
+
     def brute_force_log_probs(self, word_ids: np.ndarray, max_paths: int = 2_000_000) -> np.ndarray:
         """``log_probs`` by summing over every hidden path; only for tiny configs (tests).
 
@@ -727,6 +842,38 @@ def unigram_cross_entropy(
     counts = np.bincount(np.asarray(train_ids)[:, 1:].ravel(), minlength=vocab_size).astype(float)
     probs = (counts + k) / (counts.sum() + k * vocab_size)
     return float(-np.log(probs[np.asarray(test_ids)[:, 1:]]).mean())
+
+
+def masked_lm_floor(language: SyntheticLanguage, tokenizer, batches, train_input_ids: np.ndarray,
+                    mask_prob: float, random_prob: float, select_prob: float) -> dict[str, float]:
+    """The Bayes-optimal masked-token loss of evaluation ``batches`` (``(input_ids, labels)`` arrays as the
+    masking collator made them, in the evaluation's order) and an add-k unigram baseline scored on the
+    same labelled positions, both aggregated as the Trainer aggregates ``eval_loss``: each batch's mean
+    over its labelled tokens, weighted by the batch's rows."""
+    token_to_word = np.full(len(tokenizer), -2, dtype=np.int64)
+    word_to_token = np.array(tokenizer.convert_tokens_to_ids(language.words), dtype=np.int64)
+    token_to_word[word_to_token] = np.arange(language.vocab_size)
+    token_to_word[tokenizer.mask_token_id] = -1
+    special = set(tokenizer.all_special_ids)
+    channel = MaskingChannel(
+        select_prob=select_prob, mask_prob=mask_prob, random_prob=random_prob, vocab_size=len(tokenizer),
+        selectable=np.array([int(t) not in special for t in word_to_token]),
+    )
+    train_words = token_to_word[np.asarray(train_input_ids)[:, 1:]]
+    counts = np.bincount(train_words[train_words >= 0].ravel(), minlength=language.vocab_size).astype(float)
+    unigram = np.log((counts + BASELINE_SMOOTHING) / (counts.sum() + BASELINE_SMOOTHING * language.vocab_size))
+    totals = {"optimal": 0.0, "unigram": 0.0}
+    rows = 0
+    for input_ids, labels in batches:
+        input_ids, labels = np.asarray(input_ids), np.asarray(labels)
+        words = np.where(labels != -100, token_to_word[np.where(labels != -100, labels, 0)], -100)
+        log_probs = language.masked_log_probs(token_to_word[input_ids], words, channel)
+        if log_probs.size == 0:
+            continue  # no labelled position in the whole batch: nothing to score
+        totals["optimal"] += -log_probs.mean() * len(input_ids)
+        totals["unigram"] += -unigram[words[words != -100]].mean() * len(input_ids)
+        rows += len(input_ids)
+    return {name: float(value / rows) for name, value in totals.items()}
 
 
 def bigram_cross_entropy(
