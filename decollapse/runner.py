@@ -731,7 +731,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     recipe: TrainRecipe = parts["recipe"]
     objective = parts["objective"]
     checkpoints = checkpoints_dir(job.output_dir)
-    args = training_arguments(recipe, checkpoints, parts["arch"])
+    # Periodic checkpoints go straight to the visible OUTPUT.checkpoints (they must outlive a crash); without
+    # them the Trainer works in the run's private folder and only an interruption's checkpoint moves out.
+    trainer_dir = checkpoints if recipe.save_steps else work / "trainer"
+    args = training_arguments(recipe, trainer_dir, parts["arch"])
     try:
         collator = build_collator(objective, tokenizer, recipe)
     except ValueError as err:
@@ -766,6 +769,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         trainer.train(resume_from_checkpoint=None if job.resume_from is None else str(job.resume_from))
     train_seconds = time.time() - started
     if stopper.step is not None and stopper.step < trainer.state.max_steps:
+        if trainer_dir != checkpoints and is_main_process():
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            for saved in trainer_dir.glob("checkpoint-*"):
+                shutil.move(str(saved), str(checkpoints / saved.name))
         _write_job(job, checkpoints)
         raise RunInterrupted(stopper.received, stopper.step, job, checkpoints / f"checkpoint-{stopper.step}")
 
@@ -782,8 +789,9 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     trainer.save_model(str(checkpoint))
     tokenizer.save_pretrained(str(checkpoint))
     # report_to integrations (tensorboard) write under the Trainer's output folder: keep their logs.
-    if (checkpoints / "runs").is_dir():
-        shutil.move(str(checkpoints / "runs"), str(work / "tensorboard"))
+    if (trainer_dir / "runs").is_dir():
+        shutil.move(str(trainer_dir / "runs"), str(work / "tensorboard"))
+    shutil.rmtree(work / "trainer", ignore_errors=True)
     # The Trainer pickles its arguments next to the weights; a checkpoint holds no pickle files.
     (work / "training_args.bin").unlink(missing_ok=True)
     save_file({k: v.contiguous() for k, v in probe.items()}, str(work / "probe_batch.safetensors"))

@@ -130,3 +130,17 @@ def test_bad_resume_input_is_one_line_and_writes_nothing(tmp_path, signal_at, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_ordinary_run_puts_nothing_visible_beside_its_output_while_it_trains(tmp_path, monkeypatch):
+    seen = []
+    original = DecollapseTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecollapseTrainer, "training_step", training_step)
+    assert _train("dense", tmp_path / "run", steps=3) == 0
+    assert seen == [[], [], []]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
