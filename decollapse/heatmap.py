@@ -208,6 +208,8 @@ def _fresh_run_metrics(parts: dict[str, Any], dataset, tokenizer, corpus_summary
             names |= {k for k in metrics if not k.endswith(PREPARATION_METRIC)}
             if corpus_summary is not None and objective == "causal_lm":
                 names |= {f"{split}_optimal_perplexity", f"{split}_perplexity_ratio"}
+            if corpus_summary is not None and objective == "masked_lm":
+                names |= {f"{split}_optimal_loss", f"{split}_loss_ratio", f"{split}_unigram_loss"}
     return names | set(model.collapse_report(probe).metrics)
 
 
