@@ -48,3 +48,22 @@ def test_fp16_without_cuda_and_two_precisions_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
         assert list(tmp_path.iterdir()) == []
+
+
+def test_the_gpu_check_skips_each_part_in_one_line_on_a_cpu(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    )
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check.main(["--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == list(ARCHITECTURES)
+    assert all("skipped bf16 training and throughput: no CUDA device here" in line for line in lines)
+    assert not (tmp_path / "out").exists()
+    assert check.main(["--archs", "dense,gpt5"]) == 2
+    assert "--archs: unknown gpt5" in capsys.readouterr().err

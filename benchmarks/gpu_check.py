@@ -1,0 +1,107 @@
+"""The GPU checks, ready to run in one call on a CUDA machine; on a CPU it says what it skipped.
+
+    python benchmarks/gpu_check.py                      # every architecture
+    python benchmarks/gpu_check.py --archs dense,moh --steps 100 --out /tmp/gpu_check
+
+For each architecture, on the first CUDA device:
+
+1. **bf16 training**: ``decollapse train ARCH --max-steps N --set bf16=true`` on the embedded corpus,
+   in a subprocess (a failure of one architecture does not stop the others); recorded: exit code,
+   wall time, held-out loss / perplexity, and whether every logged loss is finite.
+2. **throughput**: ``benchmarks/throughput.py ARCH --device cuda --json …`` (float32, SDPA attention,
+   interleaved rounds against dense and the ``transformers`` reference, as on CPU).
+
+Everything goes to ``--out`` (``summary.json`` and each step's log), and a summary table is printed.
+Not here: Mixture-of-Heads head skipping with a GPU kernel (compiled ``flex_attention`` block masks or
+a varlen flash kernel), which the CPU build cannot exercise.
+
+On a machine without CUDA every check is skipped with one line saying so, and the script exits 0.
+It is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bf16_training(arch: str, steps: int, out: Path) -> dict:
+    run = out / f"train-{arch}"
+    command = [sys.executable, "-m", "decollapse", "train", arch, "--max-steps", str(steps), "--output-dir",
+               str(run), "--overwrite", "--no-progress", "--set", "bf16=true"]
+    start = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    (out / f"train-{arch}.log").write_text(done.stdout + done.stderr)
+    result = {"command": " ".join(command[1:]), "exit_code": done.returncode, "seconds": round(time.time() - start, 1)}
+    if done.returncode == 0:
+        metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+        log = json.loads((run / "training_log.json").read_text())
+        result["finite_losses"] = all(math.isfinite(e["loss"]) for e in log if "loss" in e)
+        result["metrics"] = {k: v for k, v in metrics.items() if k.endswith(("_loss", "_perplexity"))}
+    return result
+
+
+def throughput(arch: str, out: Path) -> dict:
+    path = out / f"throughput-{arch}.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), arch, "--device", "cuda",
+               "--json", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    (out / f"throughput-{arch}.log").write_text(done.stdout + done.stderr)
+    result = {"command": " ".join(command[1:]), "exit_code": done.returncode}
+    if done.returncode == 0 and path.is_file():
+        payload = json.loads(path.read_text())
+        result["ratio_to_reference"] = payload["ratio"]["median"]
+        if "ratio_dense_matched" in payload:
+            result["ratio_to_dense"] = payload["ratio_dense_matched"]["median"]
+        result["gpu"] = payload["machine"].get("gpu")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    from decollapse.registry import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES), help="comma-separated (default: all)")
+    parser.add_argument("--steps", type=int, default=300, help="bf16 training steps per architecture")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check"), help="folder for the logs and summary.json")
+    args = parser.parse_args(argv)
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in ARCHITECTURES]
+    if unknown:
+        print(f"--archs: unknown {', '.join(unknown)}; expected some of {', '.join(ARCHITECTURES)}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        for arch in archs:
+            print(f"{arch}: skipped bf16 training and throughput: no CUDA device here (torch {torch.__version__})")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps": args.steps, "archs": {}}
+    for arch in archs:
+        summary["archs"][arch] = {"bf16_training": bf16_training(arch, args.steps, args.out),
+                                  "throughput": throughput(arch, args.out)}
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"GPU: {summary['gpu']}, torch {summary['torch']}, {args.steps} bf16 steps per architecture")
+    print("| arch | bf16 train (exit, s, finite) | val loss | throughput ÷ reference | ÷ dense |")
+    print("|---|---|---|---|---|")
+    for arch, entry in summary["archs"].items():
+        train, speed = entry["bf16_training"], entry["throughput"]
+        loss = train.get("metrics", {}).get("validation_loss")
+        print(f"| {arch} | {train['exit_code']}, {train['seconds']}, {train.get('finite_losses')} | "
+              f"{'-' if loss is None else f'{loss:.4f}'} | {speed.get('ratio_to_reference', '-')} | "
+              f"{speed.get('ratio_to_dense', '-')} |")
+    print(f"wrote {args.out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
