@@ -249,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written")
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Leave a torchrun / accelerate process group before exit: a group left to the interpreter's teardown
+    can abort the process ("terminate called without an active exception") after the work succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cmd_train(args) -> int:

@@ -494,6 +494,8 @@ DDP_SCRIPT = textwrap.dedent(
     trainer.train()
     state = {k: v for k, v in model.state_dict().items() if ".router." in k and not k.endswith(("weight", "bias"))}
     torch.save(state, f"{out}/rank{args.process_index}.pt")
+    if torch.distributed.is_initialized():  # as decollapse's CLI does: a group left to teardown can abort
+        torch.distributed.destroy_process_group()
     """
 )
 
