@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,9 @@ import transformers
 
 from decollapse.configuration.some import SomeConfig
 from decollapse.modeling.some import SomeRouter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import machine_info  # noqa: E402
 
 BACKENDS = ("exact", "faiss_flat", "faiss_ivf", "faiss_hnsw")
 
@@ -146,8 +148,9 @@ def measure_run(run: Path, backends: list[str]) -> dict:
     k = model.config.num_experts_per_tok
     out = {"run": str(run), "num_experts": model.config.num_experts, "served": {}}
     routed = {}
+    trained = {knob: getattr(model.config, knob) for knob, _ in EFFORT.values()}  # the run's own efforts
     for name, inference in [("exact", {"key_search": "exact"})] + served_variants(backends[1:]):
-        for field, value in {"key_search_nprobe": 8, "key_search_ef": 64, **inference}.items():
+        for field, value in {**trained, **inference}.items():
             setattr(model.config, field, value)
         found = {}
         hooks = [layer.moe.register_forward_hook(lambda m, a, o, i=i: found.__setitem__(i, o[1].indices))
@@ -169,20 +172,9 @@ def measure_run(run: Path, backends: list[str]) -> dict:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(result: dict) -> str:
     lines = [
-        f"SoME key search, {result['date']}, {result['machine']}, torch {result['torch']}, faiss {result['faiss']}, "
+        f"SoME key search, {result['date']}, {result['machine']['cpu']}, torch {result['torch']}, faiss {result['faiss']}, "
         f"{result['threads']} threads",
         f"router forward over {result['tokens']} tokens, key size {result['key_size']}, k={result['k']}, "
         f"bias std {result['bias_std']}; median of {result['rounds']} x {result['repeats']} calls",
@@ -268,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure_size(n, args, backends) for n in sizes]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": cpu_model(),
+        "machine": machine_info(torch.device("cpu")),
         "torch": torch.__version__,
         "faiss": faiss.__version__,
         "threads": args.threads,

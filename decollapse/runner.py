@@ -206,8 +206,8 @@ def default_output_dir(arch: str) -> Path:
 
 
 def plan(job: TrainJob) -> dict[str, Any]:
-    _check_launch()
     """Validates the whole job and returns its resolved parts; raises UsageError on bad input."""
+    _check_launch()
     try:
         arch = get_architecture(job.arch)
     except ValueError as err:
@@ -861,9 +861,8 @@ def _masked_floor(trainer, dataset, split: str, corpus_summary) -> dict[str, flo
     the same fresh seeded collator, batch size and order as ``trainer.evaluate`` (one process)."""
     from .data import SyntheticLanguage, masked_lm_floor
 
-    config_fields = dict(corpus_summary["config"])
-    language = SyntheticLanguage(SyntheticCorpusConfig(**config_fields))
-    collator = trainer.eval_data_collator() if trainer.eval_data_collator is not None else trainer.data_collator
+    language = SyntheticLanguage(SyntheticCorpusConfig(**corpus_summary["config"]))
+    collator = trainer.eval_data_collator()
     rows = dataset[split]["input_ids"]
     size = trainer.args.per_device_eval_batch_size
 

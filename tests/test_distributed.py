@@ -65,7 +65,8 @@ def test_two_processes_train_as_one_at_the_same_global_batch_and_rank0_alone_wri
     # Step 1 starts from the same weights on the same global batch: its task loss (each term is
     # averaged over the processes before it is logged) is the one-process value.
     first = [logs[name][0]["task_loss"] for name in ("one", "two")]
-    assert first[1] == pytest.approx(first[0], rel=1e-5) or "masked_lm" in ARCHITECTURES[arch].objectives
+    if "causal_lm" in ARCHITECTURES[arch].objectives:  # a masked LM's layouts mask differently from step 1
+        assert first[1] == pytest.approx(first[0], rel=1e-5)
     curves = {name: [e["loss"] for e in logs[name]] for name in ("one", "two")}
     assert curves["two"] == pytest.approx(curves["one"], rel=TOLERANCE.get(arch, 2e-4))
     if arch not in TOLERANCE:
@@ -73,3 +74,16 @@ def test_two_processes_train_as_one_at_the_same_global_batch_and_rank0_alone_wri
         weights = {name: load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two")}
         for key, value in weights["one"].items():
             assert (weights["two"][key].double() - value.double()).abs().max() < 1e-3, key
+
+
+def test_a_cpu_accelerate_launch_that_would_start_one_process_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from decollapse.cli import main
+
+    # What `accelerate launch --cpu --num_processes 2` leaves a single process: MASTER_ADDR, no WORLD_SIZE.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "dense", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "accelerate launch --multi_gpu --num_processes N" in err
+    assert list(tmp_path.iterdir()) == []

@@ -74,7 +74,8 @@ class SomeConfig(DecollapseConfig):
             every step; the index is built on first use and rebuilt whenever they have moved. Gates are
             the exact softmax of the found keys' scores, so ``num_experts_per_tok`` must be at least 2 (one
             expert's gate normalises over every key's score). ``benchmarks/some_search.py`` measures
-            when an index pays (docs/SOME.md: up to 65,536 keys on a CPU it does not).
+            when an index pays (docs/SOME.md: on a 2-core CPU, from 16,384 keys, and there the exhaustive
+            ``faiss_flat``).
         key_search_nprobe: inverted lists ``faiss_ivf`` visits per query (of ``min(4√N, N/39)``).
         key_search_ef: candidate list size of ``faiss_hnsw``'s search (efSearch; the graph has 32 links
             per node).

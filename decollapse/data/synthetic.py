@@ -839,9 +839,13 @@ def unigram_cross_entropy(
 ) -> float:
     """Mean nats per token of an add-``k`` unigram model fitted on ``train_ids[:, 1:]``, scored on
     ``test_ids[:, 1:]`` (column 0, ``[BOS]``, is context only, as in ``log_probs``)."""
+    return float(-unigram_log_probs(train_ids, vocab_size, k)[np.asarray(test_ids)[:, 1:]].mean())
+
+
+def unigram_log_probs(train_ids: np.ndarray, vocab_size: int, k: float = BASELINE_SMOOTHING) -> np.ndarray:
+    """Log-probabilities of the add-``k`` unigram model fitted on ``train_ids[:, 1:]``, shape ``[vocab_size]``."""
     counts = np.bincount(np.asarray(train_ids)[:, 1:].ravel(), minlength=vocab_size).astype(float)
-    probs = (counts + k) / (counts.sum() + k * vocab_size)
-    return float(-np.log(probs[np.asarray(test_ids)[:, 1:]]).mean())
+    return np.log((counts + k) / (counts.sum() + k * vocab_size))
 
 
 def masked_lm_floor(language: SyntheticLanguage, tokenizer, batches, train_input_ids: np.ndarray,
@@ -850,18 +854,16 @@ def masked_lm_floor(language: SyntheticLanguage, tokenizer, batches, train_input
     masking collator made them, in the evaluation's order) and an add-k unigram baseline scored on the
     same labelled positions, both aggregated as the Trainer aggregates ``eval_loss``: each batch's mean
     over its labelled tokens, weighted by the batch's rows."""
-    token_to_word = np.full(len(tokenizer), -2, dtype=np.int64)
-    word_to_token = np.array(tokenizer.convert_tokens_to_ids(language.words), dtype=np.int64)
-    token_to_word[word_to_token] = np.arange(language.vocab_size)
+    word_to_token, corpus_words = token_word_maps(language, tokenizer)
+    unigram = unigram_log_probs(corpus_words[np.asarray(train_input_ids)], language.vocab_size)
+    # The channel's view of a token: a language word, -1 for [MASK], -2 for another token it never emits.
+    token_to_word = np.where(corpus_words >= 0, corpus_words, -2)
     token_to_word[tokenizer.mask_token_id] = -1
     special = set(tokenizer.all_special_ids)
     channel = MaskingChannel(
         select_prob=select_prob, mask_prob=mask_prob, random_prob=random_prob, vocab_size=len(tokenizer),
         selectable=np.array([int(t) not in special for t in word_to_token]),
     )
-    train_words = token_to_word[np.asarray(train_input_ids)[:, 1:]]
-    counts = np.bincount(train_words[train_words >= 0].ravel(), minlength=language.vocab_size).astype(float)
-    unigram = np.log((counts + BASELINE_SMOOTHING) / (counts.sum() + BASELINE_SMOOTHING * language.vocab_size))
     totals = {"optimal": 0.0, "unigram": 0.0}
     rows = 0
     for input_ids, labels in batches:
@@ -980,6 +982,15 @@ def split_rng(config: SyntheticCorpusConfig, split: str) -> np.random.Generator:
     return np.random.default_rng([config.seed, _SPLIT_STREAMS[split], _SUBSET_STREAM, mask])
 
 
+def token_word_maps(language: SyntheticLanguage, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``word_to_token`` (the tokenizer id of each language word) and ``token_to_word`` (its inverse, -1
+    for tokenizer ids the language never produces)."""
+    word_to_token = np.array([tokenizer.convert_tokens_to_ids(w) for w in language.words], dtype=np.int64)
+    token_to_word = np.full(len(tokenizer), -1, dtype=np.int64)
+    token_to_word[word_to_token] = np.arange(language.vocab_size)
+    return word_to_token, token_to_word
+
+
 def _build_tokenizer(language: SyntheticLanguage, train_word_ids: np.ndarray):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -1056,12 +1067,10 @@ def build_synthetic_corpus(config: SyntheticCorpusConfig | None = None) -> Synth
         full = dataclasses.replace(config, domains=None)
         tokenizer_text = SyntheticLanguage(full).sample(full.num_train, split_rng(full, "train"))["word_ids"]
     tokenizer = _build_tokenizer(language, tokenizer_text)
-    word_to_token = np.array([tokenizer.convert_tokens_to_ids(w) for w in language.words], dtype=np.int64)
+    word_to_token, token_to_word = token_word_maps(language, tokenizer)
     one_to_one = len(np.unique(word_to_token)) == language.vocab_size
     if np.any(word_to_token == tokenizer.unk_token_id) or not one_to_one:
         raise AssertionError("the word-level tokenizer does not cover the synthetic lexicon one-to-one")
-    token_to_word = np.full(len(tokenizer), -1, dtype=np.int64)
-    token_to_word[word_to_token] = np.arange(language.vocab_size)
     lap("tokenizer")
 
     splits = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -363,9 +365,6 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous: dict = {}
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name)
@@ -376,15 +375,11 @@ class StopOnSignalCallback(TrainerCallback):
         self._restore()
 
     def _restore(self) -> None:
-        import signal
-
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
 
     def _handle(self, number, frame) -> None:
-        import signal
-
         if self.received is not None:
             self._restore()
             raise KeyboardInterrupt
