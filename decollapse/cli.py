@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train, "runs/<arch>-<timestamp>", "override model, training (train.*) or corpus (corpus.*) knobs")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument(
+        "--streaming", action="store_true",
+        help="read a text --dataset as a stream (datasets' IterableDataset) instead of loading it: for corpora "
+        "that do not fit in memory; needs --max-steps",
+    )
+    train.add_argument(
         "--resume", type=Path, default=None, metavar="DIR",
         help="continue a run stopped by SIGINT/SIGTERM (or saved with --set save_steps=N) from its latest "
         "checkpoint: DIR is the run's --output-dir (or its DIR.checkpoints); the run keeps its own settings",
@@ -277,6 +282,8 @@ def _cmd_train(args) -> int:
                  if value]
         if args.dataset != "synthetic":
             given.append("--dataset")
+        if args.streaming:
+            given.append("--streaming")
         if given:
             return _fail(f"--resume continues a run with the settings it was started with; drop {', '.join(given)}")
         try:
@@ -303,6 +310,7 @@ def _cmd_train(args) -> int:
             settings=settings,
             max_steps=args.max_steps,
             show_progress=not args.no_progress,
+            streaming=args.streaming,
         )
     try:
         summary = run(job)

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from transformers import DataCollatorForLanguageModeling, set_seed
+from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from . import __version__
-from .data import SyntheticCorpusConfig, build_synthetic_corpus, load_text_corpus
+from .data import PACKING, SyntheticCorpusConfig, build_synthetic_corpus, load_text_corpus, stream_text_corpus
 from .registry import get_architecture
 from .settings import apply_settings
 from .trainers import (
@@ -102,6 +102,10 @@ class TrainRecipe:
     min_prefix_fraction: float = 0.3
     max_prefix_fraction: float = 0.5
     block_size: int = 128
+    # How a text --dataset's documents become rows (decollapse.data.PACKING): "auto" packs them with
+    # position ids restarting per document when the model keeps packed documents apart, else one per row.
+    packing: str = "auto"
+    streaming_held_out_rows: int = 2000  # --streaming: the first N rows of validation and of test are scored
     report_to: str = "none"
     save_steps: int = 0  # > 0: a resumable checkpoint every N steps in OUTPUT.checkpoints/ (kept after the run)
     save_total_limit: int = 2  # checkpoints kept there (the oldest are deleted)
@@ -124,6 +128,8 @@ class TrainJob:
     # A Trainer checkpoint of this same job (``OUTPUT.checkpoints/checkpoint-N``) to continue from:
     # weights, optimizer, schedule, RNG states, data position, loss weighting and state buffers.
     resume_from: Path | None = None
+    # Read a text dataset as a stream (an IterableDataset); needs max_steps.
+    streaming: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """What ``--resume`` needs to rebuild this job (progress display and resume point excluded)."""
@@ -138,6 +144,7 @@ class TrainJob:
             "overwrite": self.overwrite,
             "settings": dict(self.settings),
             "max_steps": self.max_steps,
+            "streaming": self.streaming,
             "init_checkpoint": None if self.init_checkpoint is None else str(Path(self.init_checkpoint).absolute()),
         }
 
@@ -235,10 +242,20 @@ def plan(job: TrainJob) -> dict[str, Any]:
         recipe.logging_steps = lowered
     if sets["corpus"] and job.dataset != SYNTHETIC:
         raise UsageError("corpus.* settings only apply to the embedded synthetic corpus")
+    text_only = [f"--set {k}" for k in ("packing", "streaming_held_out_rows") if k in sets["train"]]
+    if job.streaming:
+        text_only.append("--streaming")
+    if text_only and job.dataset == SYNTHETIC:
+        raise UsageError(f"{', '.join(text_only)}: for a text --dataset only; the embedded corpus comes in rows of its own")
+    if job.streaming and job.max_steps is None and "max_steps" not in sets["train"]:
+        raise UsageError("--streaming needs --max-steps: a stream has no length to count epochs in")
     try:
         corpus_config = SyntheticCorpusConfig(**sets["corpus"])
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    from_tokenizer = [k for k in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id") if k in sets["model"]]
+    if from_tokenizer:
+        raise UsageError(f"--set {from_tokenizer[0]}: the tokenizer of the data decides it, it cannot be set")
     # Check the model settings now (with a placeholder vocabulary) rather than after building data.
     try:
         config = arch.config_class(**sets["model"])
@@ -258,6 +275,13 @@ def plan(job: TrainJob) -> dict[str, Any]:
         raise UsageError(
             f"--set max_position_embeddings={max_positions}: the training sequences are {seq_len} tokens "
             f"({seq_knob}); expected at least {seq_len}"
+        )
+    if recipe.packing == "auto":
+        recipe.packing = "documents" if config.supports_packed_documents else "none"
+    elif recipe.packing == "documents" and not config.supports_packed_documents:
+        raise UsageError(
+            f"--set packing=documents: {arch.name} cannot keep packed documents apart with these settings "
+            "(packing=none gives one document per row; packing=concat lets attention cross documents)"
         )
     _check_aux_weights(recipe, config.aux_loss_weights)
     objective = sets["model"].get("objective", arch.objectives[0])
@@ -325,6 +349,10 @@ def _check_recipe(recipe: TrainRecipe) -> None:
             raise UsageError(f"--set {name}={value}: expected a finite number >= 0")
     if not recipe.max_grad_norm > 0:  # also refuses nan
         raise UsageError(f"--set max_grad_norm={recipe.max_grad_norm}: expected a number > 0 (inf: no clipping)")
+    if recipe.packing not in ("auto", *PACKING):
+        raise UsageError(f"--set packing={recipe.packing}: expected one of auto, {', '.join(PACKING)}")
+    if recipe.streaming_held_out_rows <= 0:
+        raise UsageError(f"--set streaming_held_out_rows={recipe.streaming_held_out_rows}: expected a positive integer")
     if not 0.0 < recipe.mlm_probability <= 1.0:
         raise UsageError(f"--set mlm_probability={recipe.mlm_probability}: expected a number in (0, 1]")
     if not 0.0 <= recipe.deletion_rate < 1.0:
@@ -457,6 +485,8 @@ def training_arguments(recipe: TrainRecipe, output_dir: Path, arch=None) -> Deco
         max_grad_norm=recipe.max_grad_norm,
         seed=recipe.seed,
         data_seed=recipe.seed,
+        # metrics.json's train_tokens: real (unpadded) tokens, summed over the processes by the Trainer.
+        include_num_input_tokens_seen="non_padding",
         logging_steps=recipe.logging_steps,
         eval_strategy="steps",
         eval_steps=recipe.eval_steps,
@@ -499,18 +529,25 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
             tokenizer = AutoTokenizer.from_pretrained(init_from)
         except (OSError, ValueError) as err:
             raise UsageError(f"model.init_from={init_from}: no tokenizer could be loaded ({err})") from None
+    recipe: TrainRecipe = parts["recipe"]
+    options = dict(
+        hub_config=hub_config or None, block_size=recipe.block_size, tokenizer=tokenizer, seed=recipe.seed,
+        packing=recipe.packing,
+    )
     try:
-        corpus = load_text_corpus(
-            source,
-            hub_config=hub_config or None,
-            block_size=parts["recipe"].block_size,
-            tokenizer=tokenizer,
-            seed=parts["recipe"].seed,
-        )
+        if job.streaming:
+            corpus = stream_text_corpus(
+                source, **options, held_out_rows=recipe.streaming_held_out_rows,
+                rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            )
+        else:
+            corpus = load_text_corpus(source, **options)
     except (ValueError, OSError, FileNotFoundError) as err:
         raise UsageError(f"--dataset {job.dataset}: {err}") from None
-    if len(corpus.dataset["train"]) == 0:
+    if not job.streaming and len(corpus.dataset["train"]) == 0:
         raise UsageError(f"--dataset {job.dataset}: the training split is empty")
+    if recipe.packing == "none" and corpus.tokenizer.pad_token_id is None:
+        raise UsageError(f"--dataset {job.dataset}: packing=none pads rows, and the tokenizer has no pad token")
     return corpus.dataset, corpus.tokenizer, None
 
 
@@ -524,11 +561,12 @@ def supervised_columns(parts: dict[str, Any], train) -> dict[str, Any]:
     columns = getattr(config, "aux_label_columns", ())
     if not columns:
         return settings
-    missing = [column for column in columns if column not in train.column_names]
+    names = train.column_names or []  # a stream may not know its columns before it is read
+    missing = [column for column in columns if column not in names]
     if missing:
         raise UsageError(
             f"the model trains auxiliary heads on label column(s) {', '.join(map(repr, missing))}, which the "
-            f"dataset lacks (its columns: {', '.join(train.column_names)}); set aux_heads to columns it has, "
+            f"dataset lacks (its columns: {', '.join(names)}); set aux_heads to columns it has, "
             "or aux_head_weight=0"
         )
     classes = dict(getattr(config, "aux_head_classes", None) or {})
@@ -628,12 +666,13 @@ def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
     evaluation masks, deletions and splits are the same every time."""
     from .data.collators import (
         DataCollatorForMaskedDiffusion,
+        DataCollatorForPackedLanguageModeling,
         DataCollatorForPrefixGeneration,
         DataCollatorForTSDAE,
     )
 
     if objective in ("causal_lm", "masked_lm"):
-        return DataCollatorForLanguageModeling(
+        return DataCollatorForPackedLanguageModeling(
             tokenizer, mlm=objective == "masked_lm", mlm_probability=recipe.mlm_probability, seed=recipe.seed
         )
     if objective == "tsdae":
@@ -651,8 +690,20 @@ def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
 
 
 def probe_batch(split, size: int) -> dict[str, torch.Tensor]:
+    """The first ``size`` rows of ``split`` as the collapse monitor's batch: rows of unequal length
+    (one document per row) right-padded under an ``attention_mask``, packed rows with their
+    ``position_ids``, and the ground-truth label columns the split has."""
     rows = split.select(range(min(size, len(split))))
-    batch = {"input_ids": torch.tensor(rows["input_ids"])}
+    lengths = {len(ids) for ids in rows["input_ids"]}
+    if len(lengths) > 1:
+        longest = max(lengths)
+        ids = [list(r) + [0] * (longest - len(r)) for r in rows["input_ids"]]
+        mask = [[1] * len(r) + [0] * (longest - len(r)) for r in rows["input_ids"]]
+        batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    else:
+        batch = {"input_ids": torch.tensor(rows["input_ids"])}
+    if "position_ids" in rows.column_names:
+        batch["position_ids"] = torch.tensor(rows["position_ids"])
     for column in LABEL_COLUMNS:
         if column in rows.column_names:
             batch[column] = torch.tensor(rows[column])
@@ -671,7 +722,8 @@ def run(job: TrainJob, data=None) -> dict[str, Any]:
     job.output_dir = output_dir  # the caller reports where the run went, also on failure
     set_seed(recipe.seed)
     dataset, tokenizer, corpus_summary = data if data is not None else load_data(job, parts)
-    seq_len = len(dataset["train"][0]["input_ids"])
+    # A text corpus's rows are at most block_size long (a stream's cannot be counted up front).
+    seq_len = len(dataset["train"][0]["input_ids"]) if job.dataset == SYNTHETIC else recipe.block_size
     if job.init_checkpoint is not None:
         model = continued_model(parts, job.init_checkpoint, tokenizer, dataset["train"])
     else:
@@ -740,6 +792,8 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     except ValueError as err:
         raise UsageError(f"--set: {err}") from None
     keep = ["input_ids", *model.aux_label_columns]
+    if "position_ids" in (dataset["validation"].column_names or []):  # packed documents
+        keep.append("position_ids")
     train = dataset["train"].select_columns(keep)
     validation = dataset["validation"].select_columns(keep)
     monitor = CollapseMonitorCallback(probe, every_n_steps=recipe.monitor_every, stop_on_alarm=recipe.stop_on_alarm)
@@ -800,10 +854,10 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         "architecture": parts["arch"].name,
         "objective": objective,
         "dataset": job.dataset,
+        "streaming": job.streaming,
         "steps": trainer.state.global_step,
-        # Every process's tokens: world_size batches of batch_size per optimizer step.
-        "train_tokens": trainer.state.global_step * recipe.batch_size * trainer.args.world_size
-        * len(train[0]["input_ids"]),
+        # Every process's real tokens (padding excluded), as the Trainer counted them.
+        "train_tokens": int(trainer.state.num_input_tokens_seen),
         "world_size": trainer.args.world_size,
         "train_seconds": round(train_seconds, 1),  # this process's training time (since the resume, if any)
         "resumed_from": None if job.resume_from is None else os.path.relpath(job.resume_from, job.output_dir),

@@ -62,6 +62,56 @@ def test_causal_lm_is_padding_invariant(arch, variant):
     torch.testing.assert_close(logits, base, rtol=0, atol=1e-5)
 
 
+def _packed(model, lengths=(9, 11)):
+    """Two documents and the row that packs them (position ids restarting at the second)."""
+    torch.manual_seed(2)
+    docs = [torch.randint(3, model.config.vocab_size, (1, n)) for n in lengths]
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    return docs, torch.cat(docs, dim=1), positions
+
+
+def _check_packed_documents(model):
+    docs, packed, positions = _packed(model)
+    if not model.config.supports_packed_documents:
+        with pytest.raises(ValueError, match="packed documents"):
+            model(input_ids=packed, position_ids=positions)
+        return
+    logits = model(input_ids=packed, position_ids=positions).logits
+    start = 0
+    for doc in docs:
+        alone = model(input_ids=doc).logits
+        torch.testing.assert_close(logits[:, start : start + doc.shape[1]], alone, rtol=0, atol=1e-5)
+        start += doc.shape[1]
+
+
+@pytest.mark.parametrize("arch,variant", CAUSAL_VARIANTS)
+def test_causal_lm_packed_documents_never_read_each_other(arch, variant):
+    """Documents packed into one row (position ids restarting per document, as the text loader packs
+    them) give each document exactly the logits it has alone; a configuration that cannot keep them
+    apart refuses the row instead of reading across."""
+    _check_packed_documents(tiny_model(arch, **_variant(arch, variant)).eval())
+
+
+@pytest.mark.parametrize("arch", MASKED)
+def test_masked_lm_packed_documents_never_read_each_other(arch):
+    _check_packed_documents(tiny_model(arch, objective="masked_lm").eval())
+
+
+@pytest.mark.parametrize("arch,variant", CAUSAL_VARIANTS)
+def test_packed_documents_stay_causal(arch, variant):
+    """Within a packed row, changing a later token changes nothing before it."""
+    model = tiny_model(arch, **_variant(arch, variant)).eval()
+    if not model.config.supports_packed_documents:
+        pytest.skip("this configuration refuses packed rows (tested above)")
+    _, packed, positions = _packed(model)
+    base = model(input_ids=packed, position_ids=positions).logits
+    for t in (3, 12):
+        changed = packed.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % model.config.vocab_size
+        logits = model(input_ids=changed, position_ids=positions).logits
+        torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", MASKED)
 def test_masked_lm_padding_never_enters(arch):
     """Right padding changes nothing at real positions, whatever the padding tokens are."""

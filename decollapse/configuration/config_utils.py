@@ -106,6 +106,14 @@ class DecollapseConfig(PreTrainedConfig):
             self._fail(field, f"a multiple of {by_field}={getattr(self, by_field)}")
 
     @property
+    def supports_packed_documents(self) -> bool:
+        """Whether the model keeps packed documents apart: given ``position_ids`` that restart at each
+        document of a row, no position reads another document (block-diagonal attention, and no pooling
+        across the row). The text-corpus loader packs documents only for a model that says so, and
+        gives the others one document per row."""
+        return False
+
+    @property
     def required_extras(self) -> dict[str, tuple[str, str]]:
         """Setting -> (importable module, ``decollapse`` extra) that this configuration needs beyond the
         base install; checked before a run starts so a missing extra is one line, not a failure later."""

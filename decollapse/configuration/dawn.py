@@ -100,6 +100,12 @@ class DawnConfig(DecollapseConfig):
     # generation re-encodes the prefix at each step and the model ignores use_cache.
     use_cache: bool = False
 
+    @property
+    def supports_packed_documents(self) -> bool:
+        """The context attention is masked per document; a pooled ``ffn_composition`` averages over
+        the whole row, so with it, documents are not packed."""
+        return self.ffn_composition == "token"
+
     def validate(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size

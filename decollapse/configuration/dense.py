@@ -34,6 +34,11 @@ class DenseConfig(DecollapseConfig):
     attention_dropout: float = 0.0
     head_diversity_weight: float = 0.0
 
+    @property
+    def supports_packed_documents(self) -> bool:
+        """Attention is the only path between positions, and it is masked per document."""
+        return True
+
     def validate(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size

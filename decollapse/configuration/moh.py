@@ -133,6 +133,11 @@ class MoHConfig(DecollapseConfig):
     router_entropy_weight: float = 0.0
     skip_inactive_heads: str = "inference"
 
+    @property
+    def supports_packed_documents(self) -> bool:
+        """Attention is the only path between positions, and it is masked per document; heads are routed per token."""
+        return True
+
     def validate(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size

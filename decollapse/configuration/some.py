@@ -120,6 +120,11 @@ class SomeConfig(DecollapseConfig):
     key_search_nprobe: int = 8
     key_search_ef: int = 64
 
+    @property
+    def supports_packed_documents(self) -> bool:
+        """Attention is the only path between positions, and it is masked per document; experts are routed per token."""
+        return True
+
     def validate(self) -> None:
         if self.key_size is None:
             self.key_size = self.hidden_size

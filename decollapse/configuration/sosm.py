@@ -123,6 +123,12 @@ class SosmConfig(DecollapseConfig):
     routing_top_k: int = 8
     routing_balance_weight: float = 0.0
 
+    @property
+    def supports_packed_documents(self) -> bool:
+        """Attention is masked per document; the token graph (``graph_attention``) picks its neighbours
+        over the whole row, so with it on, documents are not packed."""
+        return not self.graph_attention
+
     def validate(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size

@@ -1,7 +1,12 @@
 """Training data for decollapse models: the embedded synthetic benchmark language (with exact
 Bayes-optimal bounds and ground-truth labels) and real text corpora through ``datasets``."""
 
-from .collators import DataCollatorForMaskedDiffusion, DataCollatorForPrefixGeneration, DataCollatorForTSDAE
+from .collators import (
+    DataCollatorForMaskedDiffusion,
+    DataCollatorForPackedLanguageModeling,
+    DataCollatorForPrefixGeneration,
+    DataCollatorForTSDAE,
+)
 from .synthetic import (
     DOMAIN_NAMES,
     WORD_CLASS_NAMES,
@@ -11,11 +16,13 @@ from .synthetic import (
     build_synthetic_corpus,
     masked_lm_floor,
 )
-from .text import TextCorpus, load_text_corpus
+from .text import PACKING, TextCorpus, load_text_corpus, stream_text_corpus
 
 __all__ = [
     "DOMAIN_NAMES",
+    "PACKING",
     "DataCollatorForMaskedDiffusion",
+    "DataCollatorForPackedLanguageModeling",
     "DataCollatorForPrefixGeneration",
     "DataCollatorForTSDAE",
     "WORD_CLASS_NAMES",
@@ -26,4 +33,5 @@ __all__ = [
     "build_synthetic_corpus",
     "load_text_corpus",
     "masked_lm_floor",
+    "stream_text_corpus",
 ]

@@ -1,4 +1,5 @@
-"""Batch collators for the denoising (TSDAE), masked-diffusion and prefix-to-suffix generation objectives.
+"""Batch collators for packed language modeling and for the denoising (TSDAE), masked-diffusion and
+prefix-to-suffix generation objectives.
 
 The original MrCogito collators (github.com/ksopyla/MrCogito) took every supplied id as content.
 Because their pretraining data was padded to 512 with ``padding="max_length"``, pad tokens became
@@ -19,10 +20,38 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from transformers import DataCollatorForLanguageModeling
 
-__all__ = ["DataCollatorForMaskedDiffusion", "DataCollatorForPrefixGeneration", "DataCollatorForTSDAE"]
+__all__ = [
+    "DataCollatorForMaskedDiffusion",
+    "DataCollatorForPackedLanguageModeling",
+    "DataCollatorForPrefixGeneration",
+    "DataCollatorForTSDAE",
+]
 
 IGNORE_INDEX = -100
+
+
+class DataCollatorForPackedLanguageModeling(DataCollatorForLanguageModeling):
+    """transformers' language-modeling collator, for rows that may pack several documents.
+
+    A row that packs documents carries ``position_ids`` restarting at each one (the text loader's
+    default). Documents must not read each other, so for next-token prediction a document's first
+    token is no target either: its label becomes -100, as in transformers' ``DataCollatorWithFlattening``.
+    Otherwise the last position of one document would be scored on predicting the next, unrelated
+    document, and the Trainer would count those targets in ``num_items_in_batch``. Masked-LM batches
+    need nothing more (masked tokens are read within their own document); rows without
+    ``position_ids`` are collated exactly as by the parent class.
+    """
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        positions = batch.get("position_ids")
+        if not self.mlm and positions is not None:
+            starts = torch.zeros_like(positions, dtype=torch.bool)
+            starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+            batch["labels"] = batch["labels"].masked_fill(starts, IGNORE_INDEX)
+        return batch
 
 
 def _is_number(value: Any) -> bool:

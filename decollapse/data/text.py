@@ -1,8 +1,10 @@
-"""Real text corpora, from local files or the Hugging Face Hub, as fixed-size blocks of token ids.
+"""Real text corpora, from local files or the Hugging Face Hub, as rows of token ids.
 
 Every non-empty line (local files) or row (Hub datasets) is one document. Documents are tokenised,
-each followed by ``[EOS]`` (or the given tokenizer's own end token), concatenated per split and cut
-into blocks of exactly ``block_size`` tokens; the incomplete tail of each split is dropped.
+each followed by ``[EOS]`` (or the given tokenizer's own end token). By default they are packed:
+concatenated per split and cut into blocks of exactly ``block_size`` tokens (the incomplete tail of
+each split is dropped), with ``position_ids`` restarting at every document so that the model attends
+within documents only. A model that cannot keep packed documents apart gets one document per row.
 
 Without a tokenizer, a byte-level BPE is trained on the train split only, so validation and test
 text never shapes the vocabulary the model is scored with. Byte-level means there is no unknown
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ _HUB_SPLIT_NAMES = {
 }
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _ENCODE_BATCH = 1000
+# How documents become rows (see load_text_corpus).
+PACKING: tuple[str, ...] = ("documents", "none", "concat")
 
 
 @dataclass
@@ -51,6 +56,8 @@ class TextCorpus:
     dataset: Any
     tokenizer: Any
     block_size: int
+    packing: str = "documents"
+    streaming: bool = False
     num_tokens: dict[str, int] = field(default_factory=dict)
     dropped_tokens: dict[str, int] = field(default_factory=dict)
 
@@ -59,8 +66,11 @@ class TextCorpus:
             "kind": "decollapse-text-corpus",
             "source": self.source,
             "block_size": self.block_size,
+            "packing": self.packing,
+            "streaming": self.streaming,
             "vocab_size": len(self.tokenizer),
-            "num_blocks": {split: len(self.dataset[split]) for split in self.dataset},
+            # A stream's train split has no length; its held-out splits are materialised.
+            "num_blocks": {split: len(d) for split, d in self.dataset.items() if hasattr(d, "__len__")},
             "num_tokens": self.num_tokens,
             "dropped_tokens": self.dropped_tokens,
         }
@@ -218,16 +228,51 @@ def train_bpe_tokenizer(documents: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=10**12, **SPECIAL_TOKENS)
 
 
-def _blocks(documents: list[str], tokenizer, end_id: int, block_size: int) -> tuple[np.ndarray, int]:
-    pieces = []
+def _encode(documents: list[str], tokenizer, end_id: int) -> list[np.ndarray]:
+    """Each document's token ids followed by the end token."""
+    encoded = []
     for lo in range(0, len(documents), _ENCODE_BATCH):
-        encoded = tokenizer(documents[lo : lo + _ENCODE_BATCH], add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            pieces.append(np.asarray(ids, dtype=np.int64))
-            pieces.append(np.array([end_id], dtype=np.int64))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        for ids in tokenizer(documents[lo : lo + _ENCODE_BATCH], add_special_tokens=False)["input_ids"]:
+            encoded.append(np.asarray([*ids, end_id], dtype=np.int64))
+    return encoded
+
+
+def _rows(encoded: list[np.ndarray], block_size: int, packing: str) -> tuple[dict[str, list[np.ndarray]], int, int]:
+    """The rows of one split as ``{column: [row, ...]}``, with the tokens kept and dropped.
+
+    ``concat`` and ``documents`` cut the concatenated documents into full blocks (the tail that does
+    not fill one is dropped); ``documents`` adds ``position_ids`` that restart at every document
+    start, and at the start of each block, where a document cut by the previous block continues as a
+    document of its own. ``none`` gives every document rows of its own: chunks of at most
+    ``block_size`` tokens, padded by the collator; a one-token chunk teaches nothing and is dropped.
+    """
+    if packing == "none":
+        rows = [doc[lo : lo + block_size] for doc in encoded for lo in range(0, len(doc), block_size)]
+        kept = [row for row in rows if len(row) > 1]
+        dropped = sum(len(row) for row in rows) - sum(len(row) for row in kept)
+        return {"input_ids": kept}, sum(len(row) for row in kept), dropped
+    stream = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
     usable = (len(stream) // block_size) * block_size
-    return stream[:usable].reshape(-1, block_size), len(stream) - usable
+    blocks = stream[:usable].reshape(-1, block_size)
+    columns = {"input_ids": list(blocks)}
+    if packing == "documents":
+        lengths = np.array([len(doc) for doc in encoded], dtype=np.int64)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        positions = (np.arange(len(stream)) - starts)[:usable].reshape(-1, block_size)
+        document = np.repeat(np.arange(len(encoded)), lengths)[:usable].reshape(-1, block_size)
+        continues = document == document[:, :1]  # the document the block opens with, maybe cut
+        positions = np.where(continues, positions - positions[:, :1], positions)
+        columns["position_ids"] = list(positions)
+    return columns, int(usable), len(stream) - usable
+
+
+def _arrow_rows(rows: list[np.ndarray]):
+    import pyarrow as pa
+
+    lengths = np.array([len(row) for row in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def load_text_corpus(
@@ -238,6 +283,7 @@ def load_text_corpus(
     tokenizer=None,
     vocab_size: int = 8000,
     seed: int = 0,
+    packing: str = "documents",
 ) -> TextCorpus:
     """Load ``source`` as train / validation / test blocks of ``block_size`` token ids.
 
@@ -247,9 +293,15 @@ def load_text_corpus(
     test split is carved from train (5% of its lines each), and a folder without a train file is an
     error unless it holds exactly one file. A single file is split by lines 90/5/5. ``seed`` drives
     those splits. Without ``tokenizer``, a byte-level BPE of ``vocab_size`` tokens is trained on
-    train. Raises ``ValueError`` for a missing path, unreadable or empty data, or a split too short
-    to fill one block.
+    train. ``packing`` (:data:`PACKING`) says how documents become rows: ``documents`` packs them into
+    full blocks with ``position_ids`` restarting at each document, so a model that keeps documents
+    apart (``config.supports_packed_documents``) never attends across them; ``none`` gives each
+    document rows of its own (padded when batched); ``concat`` packs without position ids, attention
+    crossing document boundaries (GPT-2's recipe). Raises ``ValueError`` for a missing path,
+    unreadable or empty data, an unknown packing, or a split too short to fill one row.
     """
+    if packing not in PACKING:
+        raise ValueError(f"packing={packing!r} is not allowed: expected one of {', '.join(PACKING)}.")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} is not allowed: expected a positive integer.")
     bad_vocab = isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300
@@ -277,21 +329,153 @@ def load_text_corpus(
 
     splits, kept, dropped = {}, {}, {}
     for split in SPLITS:
-        blocks, tail = _blocks(documents[split], tokenizer, end_id, block_size)
-        if len(blocks) == 0:
+        columns, kept[split], dropped[split] = _rows(_encode(documents[split], tokenizer, end_id), block_size, packing)
+        if not columns["input_ids"]:
             raise ValueError(
                 f"Text corpus {source} has too little {split} text for one block of {block_size} tokens."
             )
-        offsets = pa.array(np.arange(0, blocks.size + 1, block_size, dtype=np.int32))
-        column = pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1)))
-        splits[split] = datasets.Dataset(pa.table({"input_ids": column}))
-        kept[split], dropped[split] = int(blocks.size), int(tail)
+        splits[split] = datasets.Dataset(pa.table({name: _arrow_rows(rows) for name, rows in columns.items()}))
     logger.info("text corpus %s: %s tokens in blocks of %d", source, kept, block_size)
     return TextCorpus(
         source=str(source),
         dataset=datasets.DatasetDict(splits),
         tokenizer=tokenizer,
         block_size=block_size,
+        packing=packing,
         num_tokens=kept,
         dropped_tokens=dropped,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------------
+
+# Documents of the train stream a tokenizer is trained on when none is given.
+TOKENIZER_DOCUMENTS = 10_000
+# Documents tokenised and packed together; at most one block's tail per group is dropped.
+_STREAM_GROUP = 1000
+_SHUFFLE_BUFFER = 10_000
+
+
+def _held_out_share(text: str) -> str:
+    """The split a document of a stream without held-out splits goes to: 5% validation, 5% test, by a
+    hash of its text, so the assignment needs no pass over the data and no shard can disagree."""
+    bucket = zlib.crc32(text.encode("utf-8")) % 20
+    return "validation" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def _stream_splits(source: str, hub_config: str | None) -> dict[str, Any]:
+    """``{split: (IterableDataset of documents, text column)}``, held-out splits carved by hash when the
+    source has none."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+        by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
+        for file in files:
+            split = _classify(file.relative_to(path).as_posix()) if path.is_dir() else None
+            by_split[split or "train"].append(str(file))
+        data_files = {split: found for split, found in by_split.items() if found}
+        loaded = datasets.load_dataset("text", data_files=data_files, streaming=True)
+        names = {split: (split,) for split in SPLITS}
+    else:
+        try:
+            loaded = datasets.load_dataset(source, hub_config, streaming=True)
+        except Exception as exc:  # the Hub client raises many types; the caller needs one
+            raise ValueError(f"Text corpus source {source!r} could not be streamed from the Hub ({exc}).") from exc
+        names = _HUB_SPLIT_NAMES
+    found = {}
+    for split, candidates in names.items():
+        name = next((n for n in candidates if n in loaded), None)
+        if name is None:
+            continue
+        part = loaded[name]
+        features = part.features or {}  # a text stream may not know its features before reading
+        strings = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        column = "text" if "text" in features or not features else (strings[0] if strings else None)
+        if column is None:
+            raise ValueError(f"{source!r} split {name!r} has no text column.")
+        if column != "text":
+            part = part.rename_column(column, "text")
+        found[split] = part.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if "train" not in found:
+        raise ValueError(f"Text corpus {source!r} has no train split.")
+    carved = tuple(split for split in ("validation", "test") if split not in found)
+    documents = found["train"]
+    for split in carved:
+        found[split] = documents.filter(lambda row, s=split: _held_out_share(row["text"]) == s)
+    if carved:
+        found["train"] = documents.filter(lambda row: _held_out_share(row["text"]) not in carved)
+    return found
+
+
+def stream_text_corpus(
+    source: str,
+    *,
+    hub_config: str | None = None,
+    block_size: int = 128,
+    tokenizer=None,
+    vocab_size: int = 8000,
+    seed: int = 0,
+    packing: str = "documents",
+    held_out_rows: int = 2000,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TextCorpus:
+    """``source`` (a Hub dataset id, a local text file or folder) as a stream, for corpora that do not
+    fit in memory: the train split an ``IterableDataset`` that tokenises and packs documents as it is
+    read (``packing`` as in :func:`load_text_corpus`), shuffled in a buffer of 10,000 documents.
+
+    With ``world_size`` > 1, each rank reads its own part of the train stream
+    (``datasets.distributed.split_dataset_by_node``: whole shards when the stream has a multiple of
+    ``world_size`` files, otherwise every ``world_size``-th document). Validation and test are their
+    first ``held_out_rows`` rows, read in full by every rank. A source without held-out splits gives 5%
+    of its documents to each, chosen by a hash of the text. Without ``tokenizer``, a byte-level BPE is
+    trained on the first 10,000 (``TOKENIZER_DOCUMENTS``) documents of the train stream.
+    """
+    if packing not in PACKING:
+        raise ValueError(f"packing={packing!r} is not allowed: expected one of {', '.join(PACKING)}.")
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    splits = _stream_splits(source, hub_config)
+    if tokenizer is None:
+        sample = [row["text"].rstrip() for row in splits["train"].take(TOKENIZER_DOCUMENTS)]
+        if not sample:
+            raise ValueError(f"Text corpus {source} has an empty train split.")
+        tokenizer = train_bpe_tokenizer(sample, vocab_size)
+    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end_id is None:
+        raise ValueError("The given tokenizer has neither an eos_token nor a sep_token to end documents.")
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        columns, _, _ = _rows(_encode([t.rstrip() for t in batch["text"]], tokenizer, end_id), block_size, packing)
+        return {name: [row.tolist() for row in rows] for name, rows in columns.items()}
+
+    def packed(stream):
+        names = list(stream.column_names or ["text"])
+        return stream.map(pack, batched=True, batch_size=_STREAM_GROUP, remove_columns=names)
+
+    held_out, kept = {}, {}
+    for split in ("validation", "test"):
+        rows = list(packed(splits[split]).take(held_out_rows))
+        if not rows:
+            raise ValueError(f"Text corpus {source} has too little {split} text for one block of {block_size} tokens.")
+        held_out[split] = datasets.Dataset.from_list(rows)
+        kept[split] = int(sum(len(row["input_ids"]) for row in rows))
+    train = splits["train"].shuffle(seed=seed, buffer_size=_SHUFFLE_BUFFER)
+    if world_size > 1:
+        train = split_dataset_by_node(train, rank=rank, world_size=world_size)
+    return TextCorpus(
+        source=str(source),
+        dataset={"train": packed(train), **held_out},
+        tokenizer=tokenizer,
+        block_size=block_size,
+        packing=packing,
+        streaming=True,
+        num_tokens=kept,
     )

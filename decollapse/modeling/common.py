@@ -34,23 +34,48 @@ def position_ids_from_mask(
     return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
 
 
+def document_ids(position_ids: torch.Tensor | None, past_len: int = 0) -> torch.Tensor | None:
+    """Which packed document each position belongs to, shape (B or 1, T), or None for one per row.
+
+    A row may pack several documents, each with position ids restarting at 0 (the convention of
+    transformers' ``DataCollatorWithFlattening``): a position id that does not continue the one before
+    it starts a new document. Left padding reads the same way (each pad position is a document of its
+    own, and the real tokens one document), so padded prompts keep working. Documents are a property
+    of a whole sequence, so they cannot start inside a cached continuation.
+    """
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return None
+    starts = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    if not bool(starts.any()):
+        return None
+    if past_len:
+        raise ValueError(
+            "position_ids restart inside the sequence (packed documents) while a cache holds earlier "
+            "tokens: packed documents are read in one call without a cache."
+        )
+    return F.pad(starts.long().cumsum(-1), (1, 0))
+
+
 def attention_bias(
     attention_mask: torch.Tensor | None,
     q_len: int,
     past_len: int,
     causal: bool,
     device: torch.device,
+    documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """The ``attn_mask`` / ``is_causal`` pair for ``F.scaled_dot_product_attention``.
 
-    Returns ``(None, causal)`` on the fast path (no padding, no cache offset) and otherwise a boolean
-    mask of shape (B, 1, T, past + T) that is True where a query may attend. Every query may always
-    attend to itself: rows made only of padding would otherwise be all-False and SDPA returns NaN,
-    which then leaks into gradients even though the loss ignores those positions.
+    Returns ``(None, causal)`` on the fast path (no padding, no packed documents, no cache offset) and
+    otherwise a boolean mask of shape (B, 1, T, past + T) that is True where a query may attend. With
+    ``documents`` (:func:`document_ids`) a query attends only within its own document: the mask is
+    block-diagonal inside the causal one. Every query may always attend to itself: rows made only of
+    padding would otherwise be all-False and SDPA returns NaN, which then leaks into gradients even
+    though the loss ignores those positions.
     """
     k_len = past_len + q_len
     has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and (past_len == 0 or not causal):
+    if not has_padding and documents is None and (past_len == 0 or not causal):
         # is_causal in SDPA aligns the triangle top-left, which is only right without a cache offset.
         return None, causal and q_len > 1
     query_pos = torch.arange(past_len, k_len, device=device).unsqueeze(-1)  # (T, 1)
@@ -60,6 +85,8 @@ def attention_bias(
     if has_padding:
         keys = attention_mask[:, -k_len:].bool()[:, None, None, :]  # (B, 1, 1, K)
         allowed = allowed & keys
+    if documents is not None:  # past_len is 0 here (document_ids refuses a cache offset)
+        allowed = allowed & (documents[:, :, None] == documents[:, None, :]).unsqueeze(1)
     allowed = allowed | (key_pos == query_pos).unsqueeze(0).unsqueeze(0)
     return allowed, False
 
@@ -208,7 +235,8 @@ class TokenStemMixin:
     ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(hidden_states, attn_mask, is_causal)``: token plus position embeddings after dropout, and
         the SDPA mask pair of :func:`attention_bias`. Positions count real tokens only (padding
-        invariance) and continue after ``past_len`` cached tokens."""
+        invariance) and continue after ``past_len`` cached tokens; given ``position_ids`` that restart
+        mark packed documents, which attend only within themselves."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -219,9 +247,17 @@ class TokenStemMixin:
                 f"Sequence of {past_len + seq_len} tokens exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}."
             )
+        documents = document_ids(position_ids, past_len)
+        if documents is not None and not self.config.supports_packed_documents:
+            raise ValueError(
+                f"position_ids restart inside the sequence (packed documents), which {type(self).__name__} "
+                "cannot keep apart with this configuration; pass one document per row."
+            )
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, seq_len, past_len, inputs_embeds.device)
-        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, causal, inputs_embeds.device)
+        attn_mask, is_causal = attention_bias(
+            attention_mask, seq_len, past_len, causal, inputs_embeds.device, documents
+        )
         return self.dropout(inputs_embeds + self.embed_positions(position_ids)), attn_mask, is_causal
 
 

@@ -32,7 +32,7 @@ from transformers import initialization as init
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..configuration.concept import ConceptEncoderConfig
-from .common import IGNORE_INDEX, DecollapsePreTrainedModel, loss_share, masked_lm_loss
+from .common import IGNORE_INDEX, DecollapsePreTrainedModel, document_ids, loss_share, masked_lm_loss
 from .diagnostics import CollapseReport, concept_geometry, grade_concept_health, unit_report
 from .outputs import (
     DecollapseDiffusionOutput,
@@ -276,7 +276,7 @@ class ConceptEncoderPreTrainedModel(DecollapsePreTrainedModel):
 
         hooks = [layer.cross_attn.register_forward_pre_hook(grab) for layer in base.layers]
         try:
-            concepts = base(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            concepts = base(input_ids=input_ids, attention_mask=mask, position_ids=batch.get("position_ids")).last_hidden_state
         finally:
             for hook in hooks:
                 hook.remove()
@@ -415,9 +415,17 @@ class ConceptEncoderModel(ConceptEncoderPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         num_iterations: int | None = None,
         output_hidden_states: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> DecollapseModelOutput:
-        """``num_iterations`` overrides K of a recursive encoder (test-time compute scaling)."""
+        """``num_iterations`` overrides K of a recursive encoder (test-time compute scaling).
+        ``position_ids`` is accepted to refuse packed rows: every position of a row writes into the
+        same concepts, so documents cannot share a row."""
+        if document_ids(position_ids) is not None:
+            raise ValueError(
+                "position_ids restart inside the sequence (packed documents), which a concept encoder cannot "
+                "keep apart (every position of a row writes into the same concepts); pass one document per row."
+            )
         if num_iterations is not None and not self.config.recursive:
             raise ValueError("num_iterations applies to a recursive encoder only (config.recursive=True)")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -500,7 +508,12 @@ class ConceptEncoderForMaskedLM(ConceptEncoderPreTrainedModel):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> DecollapseMaskedLMOutput:
-        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, num_iterations=num_iterations)
+        encoded = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_iterations=num_iterations,
+            position_ids=kwargs.get("position_ids"),
+        )
         hidden = self.decoder(decoder_queries(self.model, input_ids), encoded.last_hidden_state)
         aux = encoded.aux_losses
         if labels is None:
@@ -655,7 +668,12 @@ class ConceptEncoderForMaskedDiffusion(ConceptEncoderPreTrainedModel):
         """``labels``: the clean ids to denoise with -100 at padding (``DataCollatorForMaskedDiffusion``);
         by default ``input_ids`` at the real positions of ``attention_mask``. ``noise_level``: t per
         sequence ``[B]``, instead of sampling it."""
-        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, num_iterations=num_iterations)
+        encoded = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_iterations=num_iterations,
+            position_ids=kwargs.get("position_ids"),
+        )
         if labels is None:
             labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         return self.diffusion_loss(encoded.last_hidden_state, labels, noise_level, encoded.aux_losses)
@@ -736,7 +754,12 @@ class ConceptEncoderForPrefixDiffusion(ConceptEncoderForMaskedDiffusion):
     ) -> DecollapseDiffusionOutput:
         if labels is None:
             raise ValueError("ConceptEncoderForPrefixDiffusion needs labels: the suffix ids, -100 at padding")
-        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, num_iterations=num_iterations)
+        encoded = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_iterations=num_iterations,
+            position_ids=kwargs.get("position_ids"),
+        )
         return self.diffusion_loss(encoded.last_hidden_state, labels, noise_level, encoded.aux_losses)
 
 
@@ -796,7 +819,7 @@ class ConceptEncoderForSequenceClassification(ConceptEncoderPreTrainedModel):
     def forward(
         self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs
     ) -> DecollapseSequenceClassifierOutput:
-        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=kwargs.get("position_ids"))
         logits = self.classifier(self.dropout(self.pooler(encoded.last_hidden_state)))
         return _classifier_output(self, logits, labels, encoded.aux_losses, num_items_in_batch)
 
@@ -821,7 +844,7 @@ class ConceptEncoderForSequenceClassificationViaDecoder(ConceptEncoderPreTrained
     def forward(
         self, input_ids, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs
     ) -> DecollapseSequenceClassifierOutput:
-        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        encoded = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=kwargs.get("position_ids"))
         hidden = self.pre_pool_norm(self.decoder(decoder_queries(self.model, input_ids), encoded.last_hidden_state))
         weights = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         weights = weights.to(hidden.dtype)[..., None]

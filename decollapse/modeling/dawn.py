@@ -273,7 +273,7 @@ class DawnPreTrainedModel(DecollapsePreTrainedModel):
             for i, layer in enumerate(base.layers)
         ]
         try:
-            out = base(input_ids=input_ids, attention_mask=mask)
+            out = base(input_ids=input_ids, attention_mask=mask, position_ids=batch.get("position_ids"))
         finally:
             for hook in hooks:
                 hook.remove()

@@ -150,7 +150,7 @@ class DensePreTrainedModel(DecollapsePreTrainedModel):
                 layer.attn.register_forward_hook(lambda mod, args, out, i=i: head_outputs.__setitem__(i, out[1]))
             )
         try:
-            out = base(input_ids=input_ids, attention_mask=mask)
+            out = base(input_ids=input_ids, attention_mask=mask, position_ids=batch.get("position_ids"))
         finally:
             for hook in hooks:
                 hook.remove()

@@ -459,7 +459,7 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
             for layer in base.layers:
                 layer.attn.skip_inactive = "never"  # every head's output, for the head similarity
             with torch.no_grad():
-                out = base(input_ids=input_ids, attention_mask=mask)
+                out = base(input_ids=input_ids, attention_mask=mask, position_ids=batch.get("position_ids"))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -479,7 +479,7 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
             )
             report.update(self._routing_report(routing, valid), prefix=f"layer{i}.routing.")
         report.metrics["hidden.effective_rank_entropy"] = effective_rank_entropy(out.last_hidden_state[valid])
-        report.update(self._gradient_report(input_ids, mask))
+        report.update(self._gradient_report(input_ids, mask, batch.get("position_ids")))
         return report
 
     @torch.no_grad()
@@ -525,7 +525,9 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
             report.distributions[name] = v.cpu()
         return report
 
-    def _gradient_report(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> CollapseReport:
+    def _gradient_report(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> CollapseReport:
         """L2 norm of d(task loss)/d(parameters) per layer and part. Runs a training-mode forward (the
         routing training uses) with a fixed RNG, restores every ``.grad`` and the Gumbel step counters,
         so the report leaves the model exactly as it found it."""
@@ -536,6 +538,10 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
         saved_steps = [b.clone() for b in step_buffers]
         was_training = self.training
         labels = input_ids.masked_fill(mask == 0, -100) if mask is not None else input_ids
+        if position_ids is not None:  # packed documents: no document is scored on the one before it
+            starts = torch.zeros_like(labels, dtype=torch.bool)
+            starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+            labels = labels.masked_fill(starts, -100)
         report = CollapseReport()
         try:
             for p in params:
@@ -543,7 +549,7 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
             self.train()
             with torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                out = base(input_ids=input_ids, attention_mask=mask)
+                out = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
                 loss = causal_lm_loss(self.get_output_embeddings()(out.last_hidden_state), labels)
                 loss.backward()
             for i, layer in enumerate(base.layers):

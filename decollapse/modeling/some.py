@@ -575,7 +575,7 @@ class SomePreTrainedModel(DecollapsePreTrainedModel):
             for i, layer in enumerate(base.layers)
         ]
         try:
-            base(input_ids=input_ids, attention_mask=mask)
+            base(input_ids=input_ids, attention_mask=mask, position_ids=batch.get("position_ids"))
         finally:
             for hook in hooks:
                 hook.remove()

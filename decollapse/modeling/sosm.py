@@ -43,6 +43,7 @@ from .common import (
     DecollapsePreTrainedModel,
     MaskedLMHeadMixin,
     attention_bias,
+    document_ids,
     position_ids_from_mask,
 )
 from .dense import DenseBlock
@@ -320,7 +321,7 @@ class SosmPreTrainedModel(DecollapsePreTrainedModel):
         captured: dict[str, torch.Tensor] = {}
         hook = base.state_out.register_forward_hook(lambda mod, args, out: captured.__setitem__("state", out))
         try:
-            out = base(input_ids=input_ids, attention_mask=mask)
+            out = base(input_ids=input_ids, attention_mask=mask, position_ids=batch.get("position_ids"))
             losses = self._block_ablation(input_ids, mask, batch["word_class"]) if "word_class" in batch else None
         finally:
             hook.remove()
@@ -521,9 +522,15 @@ class SosmModel(SosmPreTrainedModel):
                 f"Sequence of {past_len + seq_len} tokens exceeds max_position_embeddings={c.max_position_embeddings}."
             )
         device = embeds.device
+        documents = document_ids(position_ids, past_len)
+        if documents is not None and not c.supports_packed_documents:
+            raise ValueError(
+                "position_ids restart inside the sequence (packed documents), which the token graph "
+                "(graph_attention) cannot keep apart; pass one document per row."
+            )
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, seq_len, past_len, device)
-        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, causal, device)
+        attn_mask, is_causal = attention_bias(attention_mask, seq_len, past_len, causal, device, documents)
         valid = (
             attention_mask[:, -seq_len:].bool()
             if attention_mask is not None

@@ -1,7 +1,8 @@
 """``DecollapseTrainer``: the Hugging Face Trainer, with the auxiliary (anti-collapse) losses
 combined by a weighting strategy and every term logged through the Trainer's own logging, so
 ``report_to`` (tensorboard / wandb / trackio) shows them. There is no training loop here: only
-``compute_loss``, ``create_optimizer``, ``log`` and ``evaluation_loop`` are extended.
+``compute_loss``, ``create_optimizer``, ``log``, ``evaluation_loop`` and, for a stream divided between
+processes, ``get_train_dataloader`` are extended.
 
 Logged while training (averaged over the steps since the last log):
   ``task_loss``, ``aux/<term>`` (unweighted), ``aux_weighted/<term>`` (its contribution to the loss),
@@ -199,6 +200,22 @@ class DecollapseTrainer(Trainer):
             torch.distributed.all_reduce(means)
             means = means / self.args.world_size
         return dict(zip(names, means.tolist()))
+
+    def get_train_dataloader(self):
+        """A stream already divided between the processes (``datasets.distributed.split_dataset_by_node``,
+        as ``decollapse train --streaming`` does) is each rank's own: ``accelerator.prepare`` would
+        divide it again, or by default have the main process read for every rank. It gets a plain
+        ``DataLoader``; the Trainer moves its batches to the device as it does any batch."""
+        dataset = self.train_dataset
+        if getattr(dataset, "_distributed", None) is None or self.args.world_size <= 1:
+            return super().get_train_dataloader()
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description="training"),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
