@@ -10,6 +10,11 @@ For each architecture, on the first CUDA device:
    wall time, held-out loss / perplexity, and whether every logged loss is finite.
 2. **throughput**: ``benchmarks/throughput.py ARCH --device cuda --json …`` (float32, SDPA attention,
    interleaved rounds against dense and the ``transformers`` reference, as on CPU).
+3. **sharded engines**: ``accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes G
+   -m decollapse train ARCH --max-steps 20`` over the G CUDA devices there are (one is enough to
+   exercise the wrapping, the collective save and the final report), and the same with
+   ``deepspeed_zero3.yaml`` when DeepSpeed is installed; recorded: exit code and the engine that
+   ``metrics.json`` says trained the model.
 
 Everything goes to ``--out`` (``summary.json`` and each step's log), and a summary table is printed.
 Not here: Mixture-of-Heads head skipping with a GPU kernel (compiled ``flex_attention`` block masks or
@@ -66,6 +71,21 @@ def throughput(arch: str, out: Path) -> dict:
     return result
 
 
+def sharded_training(arch: str, config: str, out: Path) -> dict:
+    run = out / f"{config}-{arch}"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "examples" / "accelerate" / f"{config}.yaml"), "--num_processes",
+               str(torch.cuda.device_count()), "-m", "decollapse", "train", arch, "--max-steps", "20",
+               "--output-dir", str(run), "--overwrite", "--no-progress"]
+    start = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    (out / f"{config}-{arch}.log").write_text(done.stdout + done.stderr)
+    result = {"command": " ".join(command[1:]), "exit_code": done.returncode, "seconds": round(time.time() - start, 1)}
+    if done.returncode == 0:
+        result["engine"] = json.loads((run / "metrics.json").read_text()).get("engine")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from decollapse.registry import ARCHITECTURES
@@ -82,23 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not torch.cuda.is_available():
         for arch in archs:
-            print(f"{arch}: skipped bf16 training and throughput: no CUDA device here (torch {torch.__version__})")
+            print(f"{arch}: skipped bf16 training and throughput and sharded (FSDP, ZeRO-3) training: "
+                  f"no CUDA device here (torch {torch.__version__})")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps": args.steps, "archs": {}}
+    import importlib.util
+
+    engines = ["fsdp"] + (["deepspeed_zero3"] if importlib.util.find_spec("deepspeed") is not None else [])
     for arch in archs:
         summary["archs"][arch] = {"bf16_training": bf16_training(arch, args.steps, args.out),
-                                  "throughput": throughput(arch, args.out)}
+                                  "throughput": throughput(arch, args.out),
+                                  **{engine: sharded_training(arch, engine, args.out) for engine in engines}}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"GPU: {summary['gpu']}, torch {summary['torch']}, {args.steps} bf16 steps per architecture")
-    print("| arch | bf16 train (exit, s, finite) | val loss | throughput ÷ reference | ÷ dense |")
-    print("|---|---|---|---|---|")
+    print(f"| arch | bf16 train (exit, s, finite) | val loss | throughput ÷ reference | ÷ dense | "
+          f"{' | '.join(f'{e} (exit, engine)' for e in engines)} |")
+    print("|---|---|---|---|---|" + "---|" * len(engines))
     for arch, entry in summary["archs"].items():
         train, speed = entry["bf16_training"], entry["throughput"]
         loss = train.get("metrics", {}).get("validation_loss")
+        sharded = " | ".join(f"{entry[e]['exit_code']}, {entry[e].get('engine', '-')}" for e in engines)
         print(f"| {arch} | {train['exit_code']}, {train['seconds']}, {train.get('finite_losses')} | "
               f"{'-' if loss is None else f'{loss:.4f}'} | {speed.get('ratio_to_reference', '-')} | "
-              f"{speed.get('ratio_to_dense', '-')} |")
+              f"{speed.get('ratio_to_dense', '-')} | {sharded} |")
     print(f"wrote {args.out / 'summary.json'}")
     return 0
 

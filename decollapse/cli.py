@@ -23,7 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> int:
-    sys.stderr.write(f"decollapse: error: {message}\n")
+    # Under torchrun / accelerate every process finds the same problem: the main one says it once.
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.write(f"decollapse: error: {message}\n")
     return EXIT_USAGE
 
 

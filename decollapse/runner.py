@@ -161,9 +161,10 @@ def is_main_process() -> bool:
 
 
 def _check_launch() -> None:
-    """``accelerate launch --cpu --num_processes N`` starts one process (accelerate starts several CPU
-    processes only through mpirun) and sets MASTER_ADDR without WORLD_SIZE: training would silently
-    run on one process at 1/N of the intended global batch."""
+    """Launches that would silently train otherwise than asked. ``accelerate launch --cpu
+    --num_processes N`` starts one process (accelerate starts several CPU processes only through
+    mpirun) and sets MASTER_ADDR without WORLD_SIZE: training would run on one process at 1/N of the
+    intended global batch. An FSDP or DeepSpeed config on a machine without CUDA would run as DDP."""
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         raise UsageError(
@@ -171,6 +172,17 @@ def _check_launch() -> None:
             "for several CPU processes); use `accelerate launch --multi_gpu --num_processes N` (gloo on a "
             "CPU) or `torchrun --nproc_per_node N`"
         )
+    # accelerate shards a model (FSDP, DeepSpeed) only on accelerators: on a CPU the same launch trains
+    # with plain DDP without a word, which is not what the config file asked for.
+    sharding = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if os.environ.get(flag, "").lower() in ("1", "true")]
+    if sharding and not torch.cuda.is_available():
+        raise UsageError(
+            f"the accelerate config asks for {sharding[0]}, which accelerate runs on GPUs only; on this CPU the "
+            "run would silently be plain DDP (use examples/accelerate/ddp.yaml, or torchrun)"
+        )
+    if "DeepSpeed" in sharding and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("the accelerate config asks for DeepSpeed, which is not installed; pip install deepspeed")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -832,15 +844,18 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
 
     final = held_out_metrics(trainer, dataset, keep, corpus_summary, objective)
 
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     # Share of the weights that never train (SoME's expert library; 0 for the others), as a metric so
     # that comparison tables and model cards can read it like perplexity.
-    final["frozen_parameter_share"] = sum(p.numel() for p in model.parameters() if not p.requires_grad) / total
-    if not is_main_process():
-        return {"metrics": final, "objective": objective, "alarms": []}
+    final["frozen_parameter_share"] = sum(_numel(p) for p in model.parameters() if not p.requires_grad) / total
+    # Every process takes part in the final report and save: a sharded model (FSDP, ZeRO-3) gathers its
+    # weights collectively, and a forward or save on the main process alone would wait forever. The
+    # Trainer writes on the main process only.
     report = model.collapse_report(probe)
     checkpoint = work  # the folder root is the checkpoint: from_pretrained(DIR) just works
     trainer.save_model(str(checkpoint))
+    if not is_main_process():
+        return {"metrics": final, "objective": objective, "alarms": []}
     tokenizer.save_pretrained(str(checkpoint))
     # report_to integrations (tensorboard) write under the Trainer's output folder: keep their logs.
     if (trainer_dir / "runs").is_dir():
@@ -859,10 +874,11 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
         # Every process's real tokens (padding excluded), as the Trainer counted them.
         "train_tokens": int(trainer.state.num_input_tokens_seen),
         "world_size": trainer.args.world_size,
+        "engine": _engine(trainer),
         "train_seconds": round(train_seconds, 1),  # this process's training time (since the resume, if any)
         "resumed_from": None if job.resume_from is None else os.path.relpath(job.resume_from, job.output_dir),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "num_parameters": total,
+        "trainable_parameters": sum(_numel(p) for p in model.parameters() if p.requires_grad),
         "recipe": asdict(recipe),
         "settings": job.settings,
         # Relative to this folder, so the record survives moving both folders together.
@@ -883,6 +899,21 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     plots = write_plots(work / "plots", trainer.state.log_history, report)
     write_report(work / "report.md", summary, report, corpus_summary, plots)
     return summary
+
+
+def _numel(parameter) -> int:
+    """A parameter's full size, also when DeepSpeed ZeRO-3 has partitioned it (``numel()`` is then 0)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
+def _engine(trainer) -> str:
+    """How the processes shared the model: "fsdp", "deepspeed" (with its ZeRO stage), "ddp", or "single"."""
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', '')}"
+    if trainer.is_deepspeed_enabled:
+        stage = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+        return f"deepspeed-zero{stage}"
+    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def held_out_metrics(trainer, dataset, columns: list[str], corpus_summary, objective: str) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def test_the_gpu_check_skips_each_part_in_one_line_on_a_cpu(tmp_path, capsys, mo
     assert check.main(["--out", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == list(ARCHITECTURES)
-    assert all("skipped bf16 training and throughput: no CUDA device here" in line for line in lines)
+    assert all("skipped bf16 training and throughput and sharded (FSDP, ZeRO-3) training: no CUDA device here" in line for line in lines)
     assert not (tmp_path / "out").exists()
     assert check.main(["--archs", "dense,gpt5"]) == 2
     assert "--archs: unknown gpt5" in capsys.readouterr().err

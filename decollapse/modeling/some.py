@@ -507,7 +507,9 @@ class SomeBlock(nn.Module):
 class SomePreTrainedModel(DecollapsePreTrainedModel):
     config_class = SomeConfig
     config: SomeConfig
-    _no_split_modules = ["SomeBlock"]
+    # The frozen expert library is an FSDP unit of its own (FSDP1 cannot flatten frozen and trained
+    # parameters together) and, with the blocks, a ZeRO-3 leaf (DecollapseTrainer marks them).
+    _no_split_modules = ["SomeBlock", "SomeExperts"]
     lora_target_modules = ["qkv_proj", "o_proj"]
     collapse_headline = {
         "usage Gini (max layer)": ("layer*.experts.usage_gini", "max"),

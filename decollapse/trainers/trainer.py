@@ -63,6 +63,29 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def mark_zero3_leaf_modules(model) -> list[type]:
+    """Under DeepSpeed ZeRO-3, makes each class in ``model._no_split_modules`` (an architecture's
+    blocks and its routed units) a leaf module, whose parameters are gathered whole when it runs.
+
+    ZeRO-3 otherwise gathers each submodule's parameters as that submodule's own forward starts: a
+    routed unit whose experts run for some tokens on one rank and not on another makes the ranks wait
+    for different gathers and hang, and code that reads a child's weight without calling the child
+    (a head's contribution through ``o_proj.weight``) would find it partitioned. No-op outside ZeRO-3.
+    Returns the classes marked.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
+
+
 class DecollapseTrainer(Trainer):
     """``transformers.Trainer`` for models that return ``task_loss`` and ``aux_losses``.
 
@@ -84,6 +107,8 @@ class DecollapseTrainer(Trainer):
                 f"{', '.join(sorted(defaults)) or 'no auxiliary terms'}"
             )
         self._start_run(model)
+        if self.is_deepspeed_enabled:
+            mark_zero3_leaf_modules(model)
         # State that moves outside the gradient (SoME's key stores) moves after each optimizer step.
         # Imported here: the callbacks module imports this one.
         from .callbacks import StepUpdateCallback
