@@ -1,5 +1,6 @@
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenised local corpora are cached; tests keep theirs out of the user's cache.
+os.environ.setdefault("DECOLLAPSE_TEXT_CACHE", tempfile.mkdtemp(prefix="decollapse-text-cache-"))
 
 import decollapse  # noqa: E402,F401  (registers the architectures)
 from decollapse.registry import ARCHITECTURES  # noqa: E402

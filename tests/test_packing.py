@@ -219,3 +219,31 @@ def test_two_processes_stream_their_own_shards(folder, tmp_path):
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["streaming"] and metrics["world_size"] == 2
     assert metrics["train_tokens"] == 4 * 2 * 2 * 32  # every rank read full packed rows of its own
+
+
+def test_a_local_corpus_is_tokenised_once_and_read_back_from_the_cache(tmp_path, monkeypatch):
+    import decollapse.data.text as text
+
+    monkeypatch.setenv("DECOLLAPSE_TEXT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "corpus.txt"
+    source.write_text("\n".join(_documents(200, seed=7)) + "\n", encoding="utf-8")
+    first = load_text_corpus(str(source), block_size=BLOCK, vocab_size=500)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached corpus is not tokenised again")
+
+    monkeypatch.setattr(text, "train_bpe_tokenizer", no_training)
+    again = load_text_corpus(str(source), block_size=BLOCK, vocab_size=500)
+    for split in ("train", "validation", "test"):
+        assert again.dataset[split][:] == first.dataset[split][:]
+    assert again.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    assert (again.tokenizer.pad_token_id, again.tokenizer.eos_token_id) == (first.tokenizer.pad_token_id,
+                                                                           first.tokenizer.eos_token_id)
+    assert again.num_tokens == first.num_tokens and again.summary() == first.summary()
+    # Another setting, or a changed file, is another entry: never a stale one.
+    with pytest.raises(AssertionError, match="not tokenised again"):
+        load_text_corpus(str(source), block_size=BLOCK, vocab_size=500, packing="none")
+    source.write_text("\n".join(_documents(210, seed=8)) + "\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="not tokenised again"):
+        load_text_corpus(str(source), block_size=BLOCK, vocab_size=500)

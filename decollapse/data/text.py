@@ -13,9 +13,13 @@ token on any input, which keeps perplexities comparable across corpora.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +303,10 @@ def load_text_corpus(
     document rows of its own (padded when batched); ``concat`` packs without position ids, attention
     crossing document boundaries (GPT-2's recipe). Raises ``ValueError`` for a missing path,
     unreadable or empty data, an unknown packing, or a split too short to fill one row.
+
+    A local corpus is tokenised once: the rows and the tokenizer are saved with ``datasets`` under
+    :func:`text_cache_root`, and read back (memory-mapped) by every later call with the same files
+    and settings.
     """
     if packing not in PACKING:
         raise ValueError(f"packing={packing!r} is not allowed: expected one of {', '.join(PACKING)}.")
@@ -311,6 +319,12 @@ def load_text_corpus(
         )
 
     path = Path(source).expanduser()
+    cache = _cache_folder(path, block_size, tokenizer, vocab_size, seed, packing) if path.exists() else None
+    if cache is not None and (cache / "corpus.json").is_file():
+        try:
+            return _load_cached(cache, str(source))
+        except (OSError, ValueError, KeyError) as err:  # a damaged entry is rebuilt, never trusted
+            logger.warning("rebuilding the cached corpus %s (%s)", cache, err)
     if path.exists():
         documents = _local_documents(path, seed)
     elif path.is_absolute() or str(source).startswith((".", "~")) or not _HUB_ID.match(str(source)):
@@ -336,7 +350,7 @@ def load_text_corpus(
             )
         splits[split] = datasets.Dataset(pa.table({name: _arrow_rows(rows) for name, rows in columns.items()}))
     logger.info("text corpus %s: %s tokens in blocks of %d", source, kept, block_size)
-    return TextCorpus(
+    corpus = TextCorpus(
         source=str(source),
         dataset=datasets.DatasetDict(splits),
         tokenizer=tokenizer,
@@ -344,6 +358,91 @@ def load_text_corpus(
         packing=packing,
         num_tokens=kept,
         dropped_tokens=dropped,
+    )
+    if cache is not None:
+        _save_cached(corpus, cache)
+    return corpus
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache of tokenised local corpora
+# --------------------------------------------------------------------------------------------------
+
+
+def text_cache_root() -> Path:
+    """Where tokenised local corpora are kept: ``$DECOLLAPSE_TEXT_CACHE``, else ``decollapse-text`` in
+    the ``datasets`` cache (``$HF_DATASETS_CACHE``)."""
+    if os.environ.get("DECOLLAPSE_TEXT_CACHE"):
+        return Path(os.environ["DECOLLAPSE_TEXT_CACHE"]).expanduser()
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "decollapse-text"
+
+
+def _cache_folder(path: Path, block_size: int, tokenizer, vocab_size: int, seed: int, packing: str) -> Path:
+    """The cache entry of a local corpus: named by a hash of everything the rows depend on — each
+    file's path, size and modification time, the tokenizer (its full serialisation) or the BPE's
+    vocabulary size, the split seed, block size and packing — so a changed input never meets a stale
+    entry."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    key = {
+        "format": 1,
+        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "tokenizer": None if tokenizer is None else hashlib.sha256(
+            tokenizer.backend_tokenizer.to_str().encode("utf-8")
+        ).hexdigest() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer),
+        "vocab_size": vocab_size if tokenizer is None else None,
+        "seed": seed,
+        "block_size": block_size,
+        "packing": packing,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:24]
+    return text_cache_root() / f"{path.name}-{digest}"
+
+
+def _save_cached(corpus: TextCorpus, folder: Path) -> None:
+    """Writes the entry beside its final name and renames it into place: a reader never sees half of
+    one, and two runs building the same entry at once leave one."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as err:  # a read-only cache only costs the next run its tokenising
+        logger.warning("not caching the corpus in %s (%s)", folder.parent, err)
+        return
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a cache write is bookkeeping, not progress the user waits for
+    try:
+        corpus.dataset.save_to_disk(str(staging / "data"))
+        corpus.tokenizer.save_pretrained(str(staging / "tokenizer"))
+        (staging / "corpus.json").write_text(json.dumps({
+            "block_size": corpus.block_size, "packing": corpus.packing,
+            "num_tokens": corpus.num_tokens, "dropped_tokens": corpus.dropped_tokens,
+        }) + "\n")
+        os.replace(staging, folder)
+    except OSError as err:
+        logger.warning("not caching the corpus in %s (%s)", folder, err)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not quiet:
+            enable_progress_bars()
+
+
+def _load_cached(folder: Path, source: str) -> TextCorpus:
+    import datasets
+    from transformers import AutoTokenizer
+
+    meta = json.loads((folder / "corpus.json").read_text())
+    logger.info("text corpus %s: read from the cache %s", source, folder)
+    return TextCorpus(
+        source=source,
+        dataset=datasets.load_from_disk(str(folder / "data")),
+        tokenizer=AutoTokenizer.from_pretrained(str(folder / "tokenizer")),
+        block_size=meta["block_size"],
+        packing=meta["packing"],
+        num_tokens=meta["num_tokens"],
+        dropped_tokens=meta["dropped_tokens"],
     )
 
 
