@@ -200,6 +200,40 @@ def test_masked_loss_projects_only_masked_positions_and_equals_dense_cross_entro
     torch.testing.assert_close(out.task_loss, expected)
 
 
+@pytest.mark.parametrize("decoder_ffn", ["gated", "plain"])
+def test_only_labelled_positions_are_decoded_and_their_loss_is_the_full_decodes(decoder_ffn):
+    """Decoder positions never read each other, so decoding only the labelled ones (a sixth of the work
+    at 15% masking) must give exactly the loss of decoding every position; rows may hold different
+    numbers of labels, or none."""
+    model = build(ConceptEncoderForMaskedLM, decoder_ffn=decoder_ffn).eval()
+    x = ids(batch=4)
+    labels = torch.full_like(x, -100)
+    labels[0, [1, 2, 9]] = x[0, [1, 2, 9]]
+    labels[1, 15] = x[1, 15]
+    labels[3, ::2] = x[3, ::2]  # row 2 has no label at all
+    decoded = []
+    hook = model.decoder.register_forward_hook(lambda m, args, out: decoded.append(out.shape[:2]))
+    out = model(input_ids=x, labels=labels)
+    hook.remove()
+    assert decoded == [(4, 8)]  # the row with the most labels sets the width: 8 of 16 positions
+    full = model(input_ids=x).logits
+    expected = torch.nn.functional.cross_entropy(full.reshape(-1, 61), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.task_loss, expected, rtol=1e-5, atol=1e-6)
+    nothing = model(input_ids=x, labels=torch.full_like(x, -100))
+    assert nothing.task_loss.item() == 0.0 and nothing.task_loss.requires_grad
+
+
+def test_the_decoder_ffn_is_plain_or_gated_with_its_own_width():
+    gated, plain = build(ConceptEncoderForMaskedLM), build(ConceptEncoderForMaskedLM, decoder_ffn="plain")
+    assert gated.decoder.layers[0].ffn.in_proj.out_features == 2 * 32
+    assert plain.decoder.layers[0].ffn.in_proj.out_features == 32
+    wide = build(ConceptEncoderForMaskedLM, decoder_ffn="plain", decoder_intermediate_size=48)
+    assert wide.decoder.layers[0].ffn.in_proj.out_features == 48
+    assert wide.model.layers[0].ffn.in_proj.out_features == 2 * 32  # the encoder's FFN stays gated
+    with pytest.raises(ValueError, match="decoder_ffn='swiglu' is not allowed"):
+        config(decoder_ffn="swiglu")
+
+
 def test_posonly_decoder_ignores_the_input_tokens_at_the_query():
     """With position-only queries, the only path from the input to a prediction is the concepts."""
     model = build(ConceptEncoderForMaskedLM, decoder_query="position").eval()
