@@ -267,9 +267,10 @@ def test_gumbel_temperature_anneals_over_training_forwards_only():
 # -- compute saving: skipped heads give what computing them would ------------------------------------
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 @pytest.mark.parametrize("routing,grad", ROUTINGS)
-def test_skipping_inactive_heads_matches_computing_them(routing, grad):
-    model = tiny_model("moh", routing=routing, routing_grad=grad).eval()
+def test_skipping_inactive_heads_matches_computing_them(routing, grad, kernel):
+    model = tiny_model("moh", routing=routing, routing_grad=grad, skip_kernel=kernel).eval()
     with torch.no_grad():  # a sharper router, so tokens differ in which heads they use
         for layer in model.model.layers:
             for module in layer.attn.router.modules():
@@ -306,8 +307,28 @@ def test_the_sparse_path_attends_only_active_pairs(monkeypatch):
     assert sum(query_rows) < 2 * 16 * 4
 
 
-def test_skip_always_trains_topk_through_the_sparse_path():
-    model = tiny_model("moh", routing="topk", skip_inactive_heads="always", load_balance_weight=0.0)
+def test_the_flex_kernel_keeps_packed_documents_and_the_cache_offset():
+    """The flex path reads the same mask as the dense one: packed documents stay apart, and a cached
+    continuation sees its whole prefix."""
+    model = tiny_model("moh", routing="adaptive", skip_kernel="flex").eval()
+    reference = tiny_model("moh", routing="adaptive").eval()
+    ids, _ = _batch(length=14)
+    positions = torch.cat([torch.arange(5), torch.arange(9)]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, position_ids=positions).logits,
+                                   reference(input_ids=ids, position_ids=positions).logits, atol=1e-5, rtol=1e-5)
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True)
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("kernel", [
+    "sdpa",
+    pytest.param("flex", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="flex_attention has no backward on a CPU")),
+])
+def test_skip_always_trains_topk_through_the_sparse_path(kernel):
+    model = tiny_model("moh", routing="topk", skip_inactive_heads="always", load_balance_weight=0.0,
+                       skip_kernel=kernel)
     ids, mask = _batch()
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     out.task_loss.backward()

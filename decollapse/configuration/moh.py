@@ -11,6 +11,7 @@ from .config_utils import DecollapseConfig
 ROUTINGS = ("all", "topk", "topp", "adaptive")
 ROUTING_GRADS = ("soft", "gumbel", "ste", "none")
 SKIP_INACTIVE = ("never", "inference", "always")
+SKIP_KERNELS = ("sdpa", "flex")
 
 
 class MoHConfig(DecollapseConfig):
@@ -92,6 +93,11 @@ class MoHConfig(DecollapseConfig):
             scores and output projection): ``"never"``, ``"inference"`` (no gradient being recorded:
             evaluation and generation) or ``"always"`` (also in training; only for selections whose
             backward never needs a dropped head's output: ``"topk"``, ``"topp"`` and ``"none"``).
+        skip_kernel: how the skipped path attends. ``"sdpa"``: per head, its active queries packed and
+            attended in SDPA calls (the fastest on CPU). ``"flex"``: one ``flex_attention`` call over
+            every head's packed queries with a block mask, so the query blocks a head leaves empty
+            and the keys after a block's last query are never scored; compiled on CUDA, where it is
+            meant to run (on a CPU it is PyTorch's unfused reference: correct, slow).
     """
 
     model_type = "decollapse_moh"
@@ -132,6 +138,7 @@ class MoHConfig(DecollapseConfig):
     router_z_loss_weight: float = 0.0
     router_entropy_weight: float = 0.0
     skip_inactive_heads: str = "inference"
+    skip_kernel: str = "sdpa"
 
     @property
     def supports_packed_documents(self) -> bool:
@@ -158,6 +165,7 @@ class MoHConfig(DecollapseConfig):
         self.check_choice("routing", ROUTINGS)
         self.check_choice("routing_grad", ROUTING_GRADS)
         self.check_choice("skip_inactive_heads", SKIP_INACTIVE)
+        self.check_choice("skip_kernel", SKIP_KERNELS)
         if self.routing in ("topk", "topp"):
             if not 0 <= self.num_shared_heads < self.num_attention_heads or isinstance(self.num_shared_heads, bool):
                 self._fail("num_shared_heads", f"an integer in [0, {self.num_attention_heads - 1}] (one head must be routed)")

@@ -18,6 +18,7 @@ export rewrites to ``from .configuration_moh import MoHConfig``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,23 @@ from .regularizers import load_balancing_loss, router_z_loss, routing_entropy
 
 # Packed query slots attended per SDPA call on the sparse path (see MoHAttention._active_heads_only).
 SLOT_CHUNK = 256
+# flex_attention's block size: packed query lengths are rounded up to it, so the compiled kernel meets a
+# few shapes rather than one per batch, and the padding adds only blocks it skips.
+FLEX_BLOCK = 128
+_compiled_flex = None
+
+
+def _flex_attention():
+    """``flex_attention``, compiled once per process where a compiler backend exists for it (CUDA);
+    elsewhere the unfused reference, whose "called without torch.compile" warning is expected."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.cuda.is_available():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex
+    return flex_attention
 
 
 @dataclass
@@ -241,6 +259,7 @@ class MoHAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         self.skip_inactive = config.skip_inactive_heads
+        self.skip_kernel = config.skip_kernel
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim)
@@ -266,7 +285,8 @@ class MoHAttention(nn.Module):
             past_len = cache.get_seq_length(self.layer_idx)
             key, value = cache.update(key, value, self.layer_idx)
         if routing is not None and self._skips(routing):
-            out = self._active_heads_only(hidden_states, key, value, routing, attn_mask, is_causal, past_len)
+            skip = self._active_heads_flex if self.skip_kernel == "flex" else self._active_heads_only
+            out = skip(hidden_states, key, value, routing, attn_mask, is_causal, past_len)
             return out, None, routing
 
         query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -348,6 +368,59 @@ class MoHAttention(nn.Module):
                     1, index.unsqueeze(-1).expand(-1, -1, dim), (attended * slot_weight).to(out_heads.dtype)
                 )
         return self.o_proj(out_heads.permute(1, 2, 0, 3).reshape(batch, seq_len, heads * dim))
+
+    def _active_heads_flex(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor,  # (B, n_kv, K, d)
+        value: torch.Tensor,
+        routing: HeadRouting,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_len: int,
+    ) -> torch.Tensor:
+        """The skipped path as one ``flex_attention`` call: each head's active queries packed to the
+        front in time order (as in :meth:`_active_heads_only`), and a block mask allowing packed query
+        i of head h only what its token may see. Query blocks past a head's active count hold no
+        allowed pair and key blocks after a block's latest query none either: the kernel skips both."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batch, seq_len, _ = hidden_states.shape
+        heads, dim = self.num_heads, self.head_dim
+        weights = routing.weights.masked_fill(~routing.active, 0)  # (B, T, H)
+        active = weights != 0
+        query = self.q_proj(hidden_states).view(batch, seq_len, heads, dim)
+        order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices  # (B, T, H)
+        counts = active.sum(1)  # (B, H)
+        slots = max(int(counts.max()), 1)
+        padded = -(-slots // FLEX_BLOCK) * FLEX_BLOCK
+        index = order[:, :slots]  # (B, S, H): tail slots of a head are its inactive tokens
+        packed = query.gather(1, index.unsqueeze(-1).expand(-1, -1, -1, dim)).permute(0, 2, 1, 3)  # (B, H, S, d)
+        packed = F.pad(packed, (0, 0, 0, padded - slots))
+        token = F.pad(index.permute(0, 2, 1), (0, padded - slots))  # (B, H, S') the token each slot holds
+        k_len = key.shape[-2]
+        # Causal, padding and packed documents, as the dense path sees them; (1, ...) masks broadcast.
+        allowed = attn_mask.expand(batch, -1, -1, -1) if attn_mask is not None else None
+
+        def mask_mod(b, h, q, kv):
+            mine = q < counts[b, h]
+            if allowed is not None:
+                return mine & allowed[b, 0, token[b, h, q], kv]
+            if is_causal:
+                return mine & (kv <= token[b, h, q] + past_len)
+            return mine
+
+        block_mask = create_block_mask(mask_mod, batch, heads, padded, k_len, device=query.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            attended = _flex_attention()(
+                packed, key, value, block_mask=block_mask, enable_gqa=self.num_kv_heads != heads
+            )[:, :, :slots]  # (B, H, S, d); a slot with nothing allowed comes back as zeros
+        slot_weight = weights.gather(1, index).permute(0, 2, 1).unsqueeze(-1)  # (B, H, S, 1), 0 in tail slots
+        out_heads = hidden_states.new_zeros(batch, heads, seq_len, dim)
+        out_heads.scatter_(2, index.permute(0, 2, 1).unsqueeze(-1).expand(-1, -1, -1, dim),
+                           (attended * slot_weight).to(out_heads.dtype))
+        return self.o_proj(out_heads.transpose(1, 2).reshape(batch, seq_len, heads * dim))
 
     def head_contributions(self, heads: torch.Tensor) -> torch.Tensor:
         """What each head writes into the residual stream at weight 1: (B, T, H, d) -> (B, T, H, C)."""
