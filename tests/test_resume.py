@@ -44,11 +44,13 @@ def _train(arch, out, *extra, steps=8):
                  "--set", *TINY_RUN, *extra])
 
 
-def _train_log(folder):
-    return [e for e in json.loads((folder / "training_log.json").read_text()) if "loss" in e]
-
-
 TIMINGS = ("_runtime", "_per_second")
+
+
+def _train_log(folder):
+    """The logged training values, without the Trainer's timings (tokens per second, runtime)."""
+    return [{k: v for k, v in e.items() if not k.endswith(TIMINGS)}
+            for e in json.loads((folder / "training_log.json").read_text()) if "loss" in e]
 CASES = [(arch, "loss_weighting=fixed") for arch in ARCHITECTURES] + [("dawn", "loss_weighting=kendall_gal")]
 
 
@@ -144,3 +146,22 @@ def test_an_ordinary_run_puts_nothing_visible_beside_its_output_while_it_trains(
     assert _train("dense", tmp_path / "run", steps=3) == 0
     assert seen == [[], [], []]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_streamed_packed_text_run_resumes_exactly_too(tmp_path, signal_at):
+    """A stream has no index to restart from: the Trainer replays it to the checkpoint's position, and
+    the packed rows (position ids) and shuffle buffer must come out the same."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(f"line {i} says {' '.join(str(j) for j in range(i % 13 + 2))}" for i in range(400)))
+    text = ["--dataset", str(corpus), "--streaming", "--set", "block_size=32", "eval_steps=100", "logging_steps=1",
+            "monitor_every=100", "streaming_held_out_rows=4", "hidden_size=32"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run = ["train", "dense", "--max-steps", "8", "--no-progress", *text]
+    assert main([*run, "--output-dir", str(straight)]) == 0
+    signal_at(3)
+    assert main([*run, "--output-dir", str(stopped)]) == 128 + signal.SIGTERM
+    assert main(["train", "dense", "--resume", str(stopped), "--no-progress"]) == 0
+    assert _train_log(stopped) == _train_log(straight)
+    metrics = [json.loads((f / "metrics.json").read_text()) for f in (straight, stopped)]
+    assert metrics[0]["streaming"] and metrics[1]["recipe"]["packing"] == "documents"
+    assert metrics[1]["metrics"]["validation_loss"] == metrics[0]["metrics"]["validation_loss"]
