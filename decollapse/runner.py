@@ -673,9 +673,12 @@ def continued_model(parts: dict[str, Any], checkpoint: Path, tokenizer, train=No
     return model
 
 
-def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
+def build_collator(objective: str, tokenizer, recipe: TrainRecipe, stream: int = 0):
     """The data collator of an objective; the runner builds a fresh one per evaluation so that
-    evaluation masks, deletions and splits are the same every time."""
+    evaluation masks, deletions and splits are the same every time. ``stream`` offsets its seed: each
+    training process passes its rank, so that processes do not mask (delete, split) their different
+    rows at the same positions."""
+    seed = recipe.seed + stream
     from .data.collators import (
         DataCollatorForMaskedDiffusion,
         DataCollatorForPackedLanguageModeling,
@@ -685,10 +688,10 @@ def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
 
     if objective in ("causal_lm", "masked_lm"):
         return DataCollatorForPackedLanguageModeling(
-            tokenizer, mlm=objective == "masked_lm", mlm_probability=recipe.mlm_probability, seed=recipe.seed
+            tokenizer, mlm=objective == "masked_lm", mlm_probability=recipe.mlm_probability, seed=seed
         )
     if objective == "tsdae":
-        return DataCollatorForTSDAE(tokenizer, deletion_rate=recipe.deletion_rate, seed=recipe.seed)
+        return DataCollatorForTSDAE(tokenizer, deletion_rate=recipe.deletion_rate, seed=seed)
     if objective == "masked_diffusion":
         return DataCollatorForMaskedDiffusion(tokenizer)
     if objective == "prefix_diffusion":
@@ -696,7 +699,7 @@ def build_collator(objective: str, tokenizer, recipe: TrainRecipe):
             tokenizer,
             min_prefix_fraction=recipe.min_prefix_fraction,
             max_prefix_fraction=recipe.max_prefix_fraction,
-            seed=recipe.seed,
+            seed=seed,
         )
     raise UsageError(f"no data collator for objective {objective!r}")
 
@@ -800,7 +803,8 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     trainer_dir = checkpoints if recipe.save_steps else work / "trainer"
     args = training_arguments(recipe, trainer_dir, parts["arch"])
     try:
-        collator = build_collator(objective, tokenizer, recipe)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+        collator = build_collator(objective, tokenizer, recipe, stream=rank)
     except ValueError as err:
         raise UsageError(f"--set: {err}") from None
     keep = ["input_ids", *model.aux_label_columns]

@@ -24,8 +24,8 @@ TOLERANCE = {
     # Its block regularisers are statistics of each process's own batch (as BatchNorm's are without
     # synchronisation), so b rows per process estimate them differently from 2b rows.
     "sosm": 0.02,
-    # A masked LM: each process masks its own rows with its own seeded stream, so the two layouts
-    # train on different masks (step 1 included) and agree only to the noise of masking.
+    # A masked LM: each process masks its own rows with its own seeded stream (seed + rank), so the
+    # two layouts train on different masks (step 1 included) and agree only to the noise of masking.
     "concept": 0.05,
 }
 
