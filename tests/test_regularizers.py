@@ -288,6 +288,22 @@ def test_vicreg_variance_reference_and_edges():
     assert_grad_ok(lambda t: R.vicreg_variance(t * 0.1), randn(6, 3, seed=14))
 
 
+def test_slot_input_variance_sees_slots_that_ignore_the_input():
+    """Constant but distinct slots satisfy the pooled variance; only the per-slot one over inputs
+    penalises them."""
+    slots = randn(1, 6, 5, seed=16) * 3.0
+    constant = slots.expand(4, 6, 5).clone()
+    assert R.vicreg_variance(constant).item() < 0.05  # pooled over slots: spread enough
+    assert R.slot_input_variance(constant).item() == pytest.approx(0.99, abs=1e-6)
+    z = randn(4, 6, 5, seed=17)
+    ref = np.maximum(0.0, 1.0 - np.sqrt(z.double().numpy().var(axis=0, ddof=1) + 1e-4)).mean()
+    assert R.slot_input_variance(z).item() == pytest.approx(ref, abs=1e-6)
+    assert R.slot_input_variance(torch.randn(1, 3, 4)).item() == pytest.approx(0.99, abs=1e-6)
+    with pytest.raises(ValueError, match=r"expects \[B, C, H\]"):
+        R.slot_input_variance(torch.randn(4, 5))
+    assert_grad_ok(lambda t: R.slot_input_variance(t * 0.1), randn(5, 3, 4, seed=18))
+
+
 def test_vicreg_covariance_hand_value_and_reference():
     z = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     # centred already; Cov = ZᵀZ/(2-1) = [[2, 2], [2, 2]]; off-diagonal² sum = 8; / d = 4

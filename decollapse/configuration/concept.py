@@ -87,8 +87,10 @@ class ConceptEncoderConfig(DecollapseConfig):
             (``modeling/regularizers.py``), applied to the concept outputs ``[B, C, H]``: within each
             input for the pairwise terms (orthogonality, soft orthogonality, uniformity, t_regs_mst),
             pooled over inputs and concepts for VICReg's variance and covariance and for ``combined``
-            (variance + uniformity). All 0 by default: the plain objective. ``README`` gives the
-            measured effect of a small fixed weight.
+            (variance + uniformity). ``docs/CONCEPT.md`` gives the measured effect of each.
+        input_variance_weight: weight of ``slot_input_variance``, VICReg's variance hinge per slot over
+            the batch's inputs (with target ``variance_target_std``): the term that makes a slot differ
+            between inputs.
         soft_orthogonality_threshold: cosines up to this are free in ``soft_orthogonality``.
         uniformity_temperature: τ of the Gaussian potential in ``uniformity`` and ``combined``.
         variance_target_std: γ of the VICReg variance hinge.
@@ -104,6 +106,7 @@ class ConceptEncoderConfig(DecollapseConfig):
         "vicreg_covariance": "covariance_weight",
         "combined": "combined_weight",
         "t_regs_mst": "t_regs_mst_weight",
+        "slot_input_variance": "input_variance_weight",
     }
 
     objective: str = "masked_lm"
@@ -135,6 +138,7 @@ class ConceptEncoderConfig(DecollapseConfig):
     covariance_weight: float = 0.0
     combined_weight: float = 0.0
     t_regs_mst_weight: float = 0.0
+    input_variance_weight: float = 0.0
     soft_orthogonality_threshold: float = 0.1
     uniformity_temperature: float = 2.0
     variance_target_std: float = 1.0

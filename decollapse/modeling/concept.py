@@ -44,6 +44,7 @@ from .outputs import (
 from .regularizers import (
     mean_squared_off_diagonal_cosine,
     nearest_neighbour_spread,
+    slot_input_variance,
     soft_orthogonality,
     uniformity_gaussian,
     variance_uniformity,
@@ -400,7 +401,9 @@ class ConceptEncoderModel(ConceptEncoderPreTrainedModel):
         - ``combined``: ``vicreg_variance + uniformity`` (the original's ``combined``);
         - ``t_regs_mst``: ``2 - mean_i min_j ‖ĉ_i - ĉ_j‖`` within each input (T-REGS's nearest-neighbour
           proxy for the minimum-spanning-tree length, shifted by the largest possible distance so the
-          term is non-negative, which Kendall–Gal weighting needs; gradients are unchanged).
+          term is non-negative, which Kendall–Gal weighting needs; gradients are unchanged);
+        - ``slot_input_variance``: VICReg's variance hinge per slot over the batch's inputs (a slot
+          must differ between inputs; the terms above are all satisfied by input-independent slots).
         """
         weights = self.config.aux_loss_weights
         c = self.config
@@ -421,6 +424,8 @@ class ConceptEncoderModel(ConceptEncoderPreTrainedModel):
             )
         if weights["t_regs_mst"]:
             terms["t_regs_mst"] = 2.0 + nearest_neighbour_spread(concepts)
+        if weights["slot_input_variance"]:
+            terms["slot_input_variance"] = slot_input_variance(concepts, c.variance_target_std)
         return terms
 
     def forward(

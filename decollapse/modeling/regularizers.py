@@ -391,6 +391,26 @@ def vicreg_variance(z: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4)
     return torch.relu(target_std - torch.sqrt(var + eps)).mean()
 
 
+def slot_input_variance(concepts: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's variance hinge taken, as VICReg takes it, over *different inputs*: per slot and feature.
+
+    ``L = mean_{i,d} relu(γ − sqrt(Var_b(c_bid) + ε))`` for concepts ``c`` ``[B, C, H]``, the unbiased
+    variance over the B inputs of slot i's feature d, ``γ = target_std``. A slot that is the same vector
+    whatever the input (a learned constant that the input barely moves) pays γ per feature; the pooled
+    :func:`vicreg_variance` cannot see that case, because constant but distinct slots already spread
+    the pooled samples. ``B == 1`` gives the constant ``relu(γ − sqrt(ε))`` with zero gradient.
+
+    Reference: Bardes, Ponce & LeCun, "VICReg", ICLR 2022 (eq. 1: the variance of each embedding
+    dimension over the batch of inputs), applied per slot of a set-valued embedding.
+    """
+    if concepts.dim() != 3:
+        raise ValueError(f"slot_input_variance expects [B, C, H] concepts, got shape {tuple(concepts.shape)}")
+    b = concepts.shape[0]
+    centred = concepts - concepts.mean(dim=0, keepdim=True)
+    var = centred.pow(2).sum(dim=0) / max(b - 1, 1)  # (C, H)
+    return torch.relu(target_std - torch.sqrt(var + eps)).mean()
+
+
 def vicreg_covariance(z: torch.Tensor) -> torch.Tensor:
     """VICReg covariance term: decorrelates feature dimensions.
 
