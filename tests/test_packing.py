@@ -247,3 +247,33 @@ def test_a_local_corpus_is_tokenised_once_and_read_back_from_the_cache(tmp_path,
     source.write_text("\n".join(_documents(210, seed=8)) + "\n", encoding="utf-8")
     with pytest.raises(AssertionError, match="not tokenised again"):
         load_text_corpus(str(source), block_size=BLOCK, vocab_size=500)
+
+
+def test_a_hub_id_streams_through_load_dataset_with_streaming(monkeypatch, corpora):
+    """No network in tests: a stand-in for the Hub answers load_dataset(..., streaming=True) with an
+    IterableDatasetDict whose text column has another name and whose held-out split is 'valid'."""
+    import datasets
+
+    packed, _, _ = corpora
+    docs = _documents(300, seed=9)
+    calls = []
+
+    def split(lines):
+        return datasets.IterableDataset.from_generator(lambda: ({"id": i, "body": t} for i, t in enumerate(lines)),
+                                                       features=datasets.Features({"id": datasets.Value("int64"),
+                                                                                   "body": datasets.Value("string")}))
+
+    def fake_load_dataset(path, name=None, streaming=False):
+        calls.append((path, name, streaming))
+        return datasets.IterableDatasetDict({"train": split(docs[:260]), "valid": split(docs[260:])})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = stream_text_corpus("someone/big-corpus", hub_config="en", block_size=BLOCK, tokenizer=packed.tokenizer,
+                                held_out_rows=3)
+    assert calls == [("someone/big-corpus", "en", True)]
+    assert len(corpus.dataset["validation"]) == 3 and len(corpus.dataset["test"]) >= 1
+    first = packed.tokenizer.decode(corpus.dataset["validation"][0]["input_ids"]).split()[0]
+    assert first == "doc260"  # validation is the source's own 'valid' split, read from its start
+    held_out = {packed.tokenizer.decode(r).split()[0] for r in corpus.dataset["test"]["input_ids"]}
+    assert all(int(d[3:]) < 260 for d in held_out if d.startswith("doc"))  # test carved from train by hash
+    assert next(iter(corpus.dataset["train"]))["input_ids"]
