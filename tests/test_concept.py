@@ -31,6 +31,7 @@ HEADS = {
     "prefix_diffusion": ConceptEncoderForPrefixDiffusion,
 }
 VARIANTS = {"standard": {}, "bixt": {"use_bixt": True}, "recursive": {"recursive": True, "num_iterations": 3}}
+NO_CONCEPT_LOSS = {f: 0.0 for f in ConceptEncoderConfig.aux_loss_weight_fields.values()}
 ALL_CONCEPT_WEIGHTS = {
     f: 0.1
     for f in ConceptEncoderConfig.aux_loss_weight_fields.values()
@@ -359,7 +360,7 @@ def test_prefix_diffusion_scores_the_suffix_and_reads_only_the_prefix_through_co
 
 @pytest.mark.parametrize("term,field", sorted(ConceptEncoderConfig.aux_loss_weight_fields.items()))
 def test_each_concept_loss_is_selectable_non_negative_and_falls_for_spread_concepts(term, field):
-    model = build(ConceptEncoderModel, **{field: 1.0})
+    model = build(ConceptEncoderModel, **{**NO_CONCEPT_LOSS, field: 1.0})
     torch.manual_seed(0)
     spread = torch.linalg.qr(torch.randn(4, 32, 8)).Q.transpose(1, 2) * 5.0  # orthogonal, varied per input
     if term == "vicreg_covariance":
@@ -566,3 +567,14 @@ def test_init_from_a_real_checkpoint_trains_on_its_tokenizer(tmp_path, shared_da
     config = AutoConfig.from_pretrained(out)
     assert config.init_from and config.token_embedding_dim == 384 and config.vocab_size == 30522
     assert config.mask_token_id == 103
+
+
+def test_the_default_trains_with_the_concept_losses_and_one_flag_turns_them_all_off():
+    x = ids()
+    on = build(ConceptEncoderForMaskedLM)(input_ids=x, labels=x)
+    assert set(on.aux_losses) == {"vicreg_variance", "vicreg_covariance", "t_regs_mst", "slot_input_variance"}
+    off = build(ConceptEncoderForMaskedLM, concept_losses=False)(input_ids=x, labels=x)
+    assert off.aux_losses == {} and torch.equal(off.loss, off.task_loss)
+    torch.testing.assert_close(off.task_loss, on.task_loss)  # the same model and data, only the terms differ
+    with pytest.raises(ValueError, match="concept_losses='no' is not allowed"):
+        config(concept_losses="no")

@@ -82,6 +82,8 @@ class ConceptEncoderConfig(DecollapseConfig):
             instead of classifying ``[u; v; |u - v|; u * v]``.
         init_from: the checkpoint the token embeddings were initialised from (recorded by
             ``init_from_pretrained``; the model card's ``base_model``).
+        concept_losses: ``False`` turns every concept loss off whatever its weight: the unregularised
+            control (``--set concept_losses=false``).
         orthogonality_weight, soft_orthogonality_weight, uniformity_weight, variance_weight,
         covariance_weight, combined_weight, t_regs_mst_weight: default weights of the concept losses
             (``modeling/regularizers.py``), applied to the concept outputs ``[B, C, H]``: within each
@@ -90,7 +92,8 @@ class ConceptEncoderConfig(DecollapseConfig):
             (variance + uniformity). ``docs/CONCEPT.md`` gives the measured effect of each.
         input_variance_weight: weight of ``slot_input_variance``, VICReg's variance hinge per slot over
             the batch's inputs (with target ``variance_target_std``): the term that makes a slot differ
-            between inputs.
+            between inputs. The defaults (VICReg variance and covariance and ``t_regs_mst`` at 0.02,
+            this at 0.1) are the measured recipe of docs/CONCEPT.md.
         soft_orthogonality_threshold: cosines up to this are free in ``soft_orthogonality``.
         uniformity_temperature: τ of the Gaussian potential in ``uniformity`` and ``combined``.
         variance_target_std: γ of the VICReg variance hinge.
@@ -134,18 +137,29 @@ class ConceptEncoderConfig(DecollapseConfig):
     orthogonality_weight: float = 0.0
     soft_orthogonality_weight: float = 0.0
     uniformity_weight: float = 0.0
-    variance_weight: float = 0.0
-    covariance_weight: float = 0.0
+    # The default recipe keeps concepts diverse and input-dependent (docs/CONCEPT.md, three seeds);
+    # concept_losses=False is the unregularised control, one flag away.
+    concept_losses: bool = True
+    variance_weight: float = 0.02
+    covariance_weight: float = 0.02
     combined_weight: float = 0.0
-    t_regs_mst_weight: float = 0.0
-    input_variance_weight: float = 0.0
+    t_regs_mst_weight: float = 0.02
+    input_variance_weight: float = 0.1
     soft_orthogonality_threshold: float = 0.1
     uniformity_temperature: float = 2.0
     variance_target_std: float = 1.0
     # Concepts are recomputed from the whole input at every step: there is no incremental state.
     use_cache: bool = False
 
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        """The concept losses' weights; all 0 with ``concept_losses=False``."""
+        weights = super().aux_loss_weights
+        return weights if self.concept_losses else {term: 0.0 for term in weights}
+
     def validate(self) -> None:
+        if not isinstance(self.concept_losses, bool):
+            self._fail("concept_losses", "true or false")
         if self.intermediate_size is None:
             self.intermediate_size = 2 * self.hidden_size
         if self.token_embedding_dim is None:
