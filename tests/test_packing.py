@@ -6,6 +6,7 @@ loss a packed batch trains on, streaming, per-rank shards, and the command line 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -131,8 +132,9 @@ def test_a_stream_gives_the_rows_of_the_in_memory_corpus(folder, corpora):
 
 
 def test_each_rank_reads_its_own_documents_of_the_stream(tmp_path, corpora):
-    """Two ranks (split_dataset_by_node) read disjoint documents that together are the whole train split;
-    held-out rows are the same on both. One document per row makes documents countable."""
+    """Two ranks (split_dataset_by_node) train on disjoint documents that together are the whole train
+    split; held-out rows are the same on both. One document per row makes documents countable. (With
+    one file, each rank reads the stream and keeps every other row.)"""
     packed, _, _ = corpora
     path = tmp_path / "one-file.txt"
     path.write_text("\n".join(_documents(300, seed=5)) + "\n", encoding="utf-8")
@@ -277,3 +279,27 @@ def test_a_hub_id_streams_through_load_dataset_with_streaming(monkeypatch, corpo
     held_out = {packed.tokenizer.decode(r).split()[0] for r in corpus.dataset["test"]["input_ids"]}
     assert all(int(d[3:]) < 260 for d in held_out if d.startswith("doc"))  # test carved from train by hash
     assert next(iter(corpus.dataset["train"]))["input_ids"]
+
+
+def test_a_stream_split_by_node_is_read_by_a_plain_loader_not_split_again(folder, corpora):
+    """accelerator.prepare would divide a stream that split_dataset_by_node already divided (or have rank 0
+    read for everyone); DecollapseTrainer gives such a stream a plain DataLoader over this rank's part."""
+    from types import SimpleNamespace
+
+    from decollapse.trainers import DecollapseTrainer
+
+    packed, _, _ = corpora
+    part = stream_text_corpus(str(folder), block_size=BLOCK, tokenizer=packed.tokenizer, held_out_rows=2,
+                              rank=1, world_size=2).dataset["train"]
+    collator = DataCollatorForPackedLanguageModeling(packed.tokenizer, mlm=False)
+    trainer = SimpleNamespace(
+        train_dataset=part, _train_batch_size=3, data_collator=collator,
+        args=SimpleNamespace(world_size=2, dataloader_num_workers=0, dataloader_pin_memory=False),
+        _get_collator_with_removed_columns=lambda c, description: c,
+    )
+    loader = DecollapseTrainer.get_train_dataloader(trainer)
+    assert type(loader) is torch.utils.data.DataLoader and loader.dataset is part
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (3, BLOCK) and "position_ids" in batch
+    rows = [r["input_ids"] for r in itertools.islice(iter(part), 3)]
+    assert batch["input_ids"].tolist() == rows  # this rank's own rows, in its own order

@@ -529,9 +529,10 @@ def stream_text_corpus(
     fit in memory: the train split an ``IterableDataset`` that tokenises and packs documents as it is
     read (``packing`` as in :func:`load_text_corpus`), shuffled in a buffer of 10,000 documents.
 
-    With ``world_size`` > 1, each rank reads its own part of the train stream
-    (``datasets.distributed.split_dataset_by_node``: whole shards when the stream has a multiple of
-    ``world_size`` files, otherwise every ``world_size``-th document). Validation and test are their
+    With ``world_size`` > 1, each rank trains on its own part of the train stream
+    (``datasets.distributed.split_dataset_by_node``: whole files when the stream has a multiple of
+    ``world_size`` files; otherwise every rank reads and packs the whole stream and keeps every
+    ``world_size``-th row, disjoint from the others' and together all of them). Validation and test are their
     first ``held_out_rows`` rows, read in full by every rank. A source without held-out splits gives 5%
     of its documents to each, chosen by a hash of the text. Without ``tokenizer``, a byte-level BPE is
     trained on the first 10,000 (``TOKENIZER_DOCUMENTS``) documents of the train stream.
