@@ -23,8 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> int:
+    from .runner import is_main_process
+
     # Under torchrun / accelerate every process finds the same problem: the main one says it once.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         sys.stderr.write(f"decollapse: error: {message}\n")
     return EXIT_USAGE
 

@@ -152,12 +152,17 @@ class TrainJob:
 JOB_FILE = "job.json"
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a multi-process launch (torchrun, accelerate), or the only process. Read from the
-    launcher's RANK before the Trainer has joined the process group."""
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in a multi-process launch (torchrun, accelerate), ``(0, 1)``
+    alone. Read from the launcher's RANK / WORLD_SIZE before the Trainer has joined the process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch, or the only process."""
+    return process_rank()[0] == 0
 
 
 def _check_launch() -> None:
@@ -550,7 +555,7 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
         if job.streaming:
             corpus = stream_text_corpus(
                 source, **options, held_out_rows=recipe.streaming_held_out_rows,
-                rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                rank=process_rank()[0], world_size=process_rank()[1],
             )
         else:
             corpus = load_text_corpus(source, **options)
@@ -803,8 +808,7 @@ def _train_and_write(job, parts, model, tokenizer, dataset, probe, corpus_summar
     trainer_dir = checkpoints if recipe.save_steps else work / "trainer"
     args = training_arguments(recipe, trainer_dir, parts["arch"])
     try:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
-        collator = build_collator(objective, tokenizer, recipe, stream=rank)
+        collator = build_collator(objective, tokenizer, recipe, stream=process_rank()[0])
     except ValueError as err:
         raise UsageError(f"--set: {err}") from None
     keep = ["input_ids", *model.aux_label_columns]
@@ -911,7 +915,8 @@ def _numel(parameter) -> int:
 
 
 def _engine(trainer) -> str:
-    """How the processes shared the model: "fsdp", "deepspeed" (with its ZeRO stage), "ddp", or "single"."""
+    """How the processes shared the model: "fsdp" with its version, "deepspeed-zero" with its stage,
+    "ddp", or "single"."""
     if trainer.is_fsdp_enabled:
         return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', '')}"
     if trainer.is_deepspeed_enabled:

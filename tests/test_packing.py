@@ -303,3 +303,11 @@ def test_a_stream_split_by_node_is_read_by_a_plain_loader_not_split_again(folder
     assert batch["input_ids"].shape == (3, BLOCK) and "position_ids" in batch
     rows = [r["input_ids"] for r in itertools.islice(iter(part), 3)]
     assert batch["input_ids"].tolist() == rows  # this rank's own rows, in its own order
+
+
+@pytest.mark.parametrize("bad,message", [({"block_size": 0}, "block_size=0"), ({"packing": "tight"}, "packing='tight'"),
+                                         ({"vocab_size": 10}, "vocab_size=10")])
+def test_both_loaders_refuse_the_same_bad_options(folder, bad, message):
+    for load in (load_text_corpus, stream_text_corpus):
+        with pytest.raises(ValueError, match=message):
+            load(str(folder), **{"block_size": BLOCK, **bad})

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from transformers import DataCollatorForLanguageModeling
 
+from ..modeling.common import document_starts
+
 __all__ = [
     "DataCollatorForMaskedDiffusion",
     "DataCollatorForPackedLanguageModeling",
@@ -48,9 +50,7 @@ class DataCollatorForPackedLanguageModeling(DataCollatorForLanguageModeling):
         batch = super().torch_call(examples)
         positions = batch.get("position_ids")
         if not self.mlm and positions is not None:
-            starts = torch.zeros_like(positions, dtype=torch.bool)
-            starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-            batch["labels"] = batch["labels"].masked_fill(starts, IGNORE_INDEX)
+            batch["labels"] = batch["labels"].masked_fill(document_starts(positions), IGNORE_INDEX)
         return batch
 
 

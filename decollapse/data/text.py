@@ -126,13 +126,12 @@ def _classify(name: str) -> str | None:
     return None
 
 
-def _local_documents(path: Path, seed: int) -> dict[str, list[str]]:
+def _split_files(path: Path) -> dict[str, list[Path]]:
+    """The files of each split of a local source. A single file is all train (the held-out splits are
+    carved from it). In a folder, a file belongs to the split its name names, a file naming none is
+    ignored with a warning, and a folder without a train file is an error unless it holds one file."""
     if path.is_file():
-        documents = _read_lines(path)
-        if not documents:
-            raise ValueError(f"Text corpus file {path} contains no text.")
-        return _split_documents(documents, seed, ("validation", "test"))
-
+        return {"train": [path], "validation": [], "test": []}
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"Text corpus folder {path} contains no files.")
@@ -143,25 +142,31 @@ def _local_documents(path: Path, seed: int) -> dict[str, list[str]]:
             logger.warning("ignoring %s: its name names no split (train / valid / test)", file)
         else:
             by_split[split].append(file)
-
     if not by_split["train"]:
         if len(files) == 1:
-            return _local_documents(files[0], seed)
+            return {"train": files, "validation": [], "test": []}
         raise ValueError(
             f"Text corpus folder {path} has no train split: no file name contains 'train' "
             "(give a folder with a train file, or a single text file to split 90/5/5)."
         )
+    return by_split
+
+
+def _local_documents(path: Path, seed: int) -> dict[str, list[str]]:
+    by_split = _split_files(path)
     documents = {split: [line for f in found for line in _read_lines(f)] for split, found in by_split.items()}
     if not documents["train"]:
-        raise ValueError(f"Text corpus folder {path} has an empty train split.")
+        raise ValueError(
+            f"Text corpus file {path} contains no text." if path.is_file()
+            else f"Text corpus folder {path} has an empty train split."
+        )
     missing = tuple(split for split in ("validation", "test") if not by_split[split])
     if missing:
         logger.info("%s has no %s file; carving it from train", path, " / ".join(missing))
-        carved = _split_documents(documents["train"], seed, missing)
-        documents.update(carved)
+        documents.update(_split_documents(documents["train"], seed, missing))
     for split in SPLITS:
         if not documents[split]:
-            raise ValueError(f"Text corpus folder {path} has an empty {split} split.")
+            raise ValueError(f"Text corpus {path} has an empty {split} split.")
     return documents
 
 
@@ -279,6 +284,27 @@ def _arrow_rows(rows: list[np.ndarray]):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+def _check_options(block_size, tokenizer, vocab_size, packing: str) -> None:
+    """The options both loaders take, each against what it can mean (ValueError naming the first bad one)."""
+    if packing not in PACKING:
+        raise ValueError(f"packing={packing!r} is not allowed: expected one of {', '.join(PACKING)}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} is not allowed: expected a positive integer.")
+    bad_vocab = isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300
+    if tokenizer is None and bad_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size!r} is not allowed: expected an integer >= 300 (256 bytes + specials)."
+        )
+
+
+def _end_id(tokenizer) -> int:
+    """The token that ends each document: the tokenizer's eos, else its sep."""
+    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end_id is None:
+        raise ValueError("The given tokenizer has neither an eos_token nor a sep_token to end documents.")
+    return end_id
+
+
 def load_text_corpus(
     source: str,
     *,
@@ -308,15 +334,7 @@ def load_text_corpus(
     :func:`text_cache_root`, and read back (memory-mapped) by every later call with the same files
     and settings.
     """
-    if packing not in PACKING:
-        raise ValueError(f"packing={packing!r} is not allowed: expected one of {', '.join(PACKING)}.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} is not allowed: expected a positive integer.")
-    bad_vocab = isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300
-    if tokenizer is None and bad_vocab:
-        raise ValueError(
-            f"vocab_size={vocab_size!r} is not allowed: expected an integer >= 300 (256 bytes + specials)."
-        )
+    _check_options(block_size, tokenizer, vocab_size, packing)
 
     path = Path(source).expanduser()
     cache = _cache_folder(path, block_size, tokenizer, vocab_size, seed, packing) if path.exists() else None
@@ -334,9 +352,7 @@ def load_text_corpus(
 
     if tokenizer is None:
         tokenizer = train_bpe_tokenizer(documents["train"], vocab_size)
-    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if end_id is None:
-        raise ValueError("The given tokenizer has neither an eos_token nor a sep_token to end documents.")
+    end_id = _end_id(tokenizer)
 
     import datasets
     import pyarrow as pa
@@ -384,7 +400,7 @@ def _cache_folder(path: Path, block_size: int, tokenizer, vocab_size: int, seed:
     file's path, size and modification time, the tokenizer (its full serialisation) or the BPE's
     vocabulary size, the split seed, block size and packing — so a changed input never meets a stale
     entry."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [f for found in _split_files(path).values() for f in found]
     key = {
         "format": 1,
         "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
@@ -465,20 +481,13 @@ def _held_out_share(text: str) -> str:
 
 
 def _stream_splits(source: str, hub_config: str | None) -> dict[str, Any]:
-    """``{split: (IterableDataset of documents, text column)}``, held-out splits carved by hash when the
-    source has none."""
+    """``{split: IterableDataset of documents in a "text" column}``, held-out splits carved by hash when
+    the source has none."""
     import datasets
 
     path = Path(source).expanduser()
     if path.exists():
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-        )
-        by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
-        for file in files:
-            split = _classify(file.relative_to(path).as_posix()) if path.is_dir() else None
-            by_split[split or "train"].append(str(file))
-        data_files = {split: found for split, found in by_split.items() if found}
+        data_files = {split: [str(f) for f in found] for split, found in _split_files(path).items() if found}
         loaded = datasets.load_dataset("text", data_files=data_files, streaming=True)
         names = {split: (split,) for split in SPLITS}
     else:
@@ -537,8 +546,7 @@ def stream_text_corpus(
     of its documents to each, chosen by a hash of the text. Without ``tokenizer``, a byte-level BPE is
     trained on the first 10,000 (``TOKENIZER_DOCUMENTS``) documents of the train stream.
     """
-    if packing not in PACKING:
-        raise ValueError(f"packing={packing!r} is not allowed: expected one of {', '.join(PACKING)}.")
+    _check_options(block_size, tokenizer, vocab_size, packing)
     import datasets
     from datasets.distributed import split_dataset_by_node
 
@@ -548,9 +556,7 @@ def stream_text_corpus(
         if not sample:
             raise ValueError(f"Text corpus {source} has an empty train split.")
         tokenizer = train_bpe_tokenizer(sample, vocab_size)
-    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if end_id is None:
-        raise ValueError("The given tokenizer has neither an eos_token nor a sep_token to end documents.")
+    end_id = _end_id(tokenizer)
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
         columns, _, _ = _rows(_encode([t.rstrip() for t in batch["text"]], tokenizer, end_id), block_size, packing)

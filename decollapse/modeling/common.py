@@ -34,18 +34,29 @@ def position_ids_from_mask(
     return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
 
 
-def document_ids(position_ids: torch.Tensor | None, past_len: int = 0) -> torch.Tensor | None:
-    """Which packed document each position belongs to, shape (B or 1, T), or None for one per row.
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a packed document starts after the first position of its row, shape of ``position_ids``.
 
     A row may pack several documents, each with position ids restarting at 0 (the convention of
     transformers' ``DataCollatorWithFlattening``): a position id that does not continue the one before
-    it starts a new document. Left padding reads the same way (each pad position is a document of its
-    own, and the real tokens one document), so padded prompts keep working. Documents are a property
-    of a whole sequence, so they cannot start inside a cached continuation.
+    it starts a new document. Column 0 is never a start (nothing comes before it to separate from).
+    """
+    starts = torch.zeros_like(position_ids, dtype=torch.bool)
+    starts[..., 1:] = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    return starts
+
+
+def document_ids(position_ids: torch.Tensor | None, past_len: int = 0) -> torch.Tensor | None:
+    """Which packed document each position belongs to, shape (B or 1, T), or None for one per row.
+
+    Documents start where :func:`document_starts` says. Left padding reads the same way (each pad
+    position is a document of its own, and the real tokens one document), so padded prompts keep
+    working. Documents are a property of a whole sequence, so they cannot start inside a cached
+    continuation.
     """
     if position_ids is None or position_ids.shape[-1] < 2:
         return None
-    starts = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    starts = document_starts(position_ids)
     if not bool(starts.any()):
         return None
     if past_len:
@@ -53,7 +64,14 @@ def document_ids(position_ids: torch.Tensor | None, past_len: int = 0) -> torch.
             "position_ids restart inside the sequence (packed documents) while a cache holds earlier "
             "tokens: packed documents are read in one call without a cache."
         )
-    return F.pad(starts.long().cumsum(-1), (1, 0))
+    return starts.long().cumsum(-1)
+
+
+def selected_first(selected: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Indices along ``dim`` that put the True entries of ``selected`` first and the rest after, each
+    group in its original order (a stable sort of the "not selected" flag): what packs the active
+    (token, head) pairs of a routed attention, or the labelled positions of a decoder, to the front."""
+    return torch.sort((~selected).to(torch.uint8), dim=dim, stable=True).indices
 
 
 def attention_bias(

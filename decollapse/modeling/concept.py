@@ -32,7 +32,14 @@ from transformers import initialization as init
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from ..configuration.concept import ConceptEncoderConfig
-from .common import IGNORE_INDEX, DecollapsePreTrainedModel, document_ids, loss_share, masked_lm_loss
+from .common import (
+    IGNORE_INDEX,
+    DecollapsePreTrainedModel,
+    document_ids,
+    loss_share,
+    masked_lm_loss,
+    selected_first,
+)
 from .diagnostics import CollapseReport, concept_geometry, grade_concept_health, unit_report
 from .outputs import (
     DecollapseDiffusionOutput,
@@ -483,14 +490,13 @@ def labelled_queries(
     """The decoder queries of the labelled positions only, ``(queries, positions, targets)``.
 
     Decoder positions never read each other (each only cross-attends to the concepts), so decoding
-    just the positions a loss scores gives them exactly the hidden states a full decode gives: with
-    15% of positions masked, the decoder does about a sixth of the work. Each row's labelled positions
-    come first, in order, padded to the row with the most (padding slots get target -100).
+    just the positions a loss scores gives them the hidden states a full decode gives (up to float
+    rounding), for the work of as many positions as the batch's most-labelled row holds. Each row's
+    labelled positions come first, in order, padded to that row's count (padding slots get target -100).
     """
     selected = labels != IGNORE_INDEX
     slots = max(int(selected.sum(dim=1).max()), 1)
-    # A stable sort of "not selected" puts each row's labelled positions first, in order.
-    positions = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :slots]
+    positions = selected_first(selected)[:, :slots]
     gathered = queries.gather(1, positions.unsqueeze(-1).expand(-1, -1, queries.shape[-1]))
     targets = labels.gather(1, positions)  # -100 wherever a row had fewer labelled positions
     return gathered, positions, targets

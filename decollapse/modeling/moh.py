@@ -30,7 +30,14 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration.moh import MoHConfig
-from .common import CausalLMHeadMixin, DecollapsePreTrainedModel, TokenStemMixin, causal_lm_loss
+from .common import (
+    CausalLMHeadMixin,
+    DecollapsePreTrainedModel,
+    TokenStemMixin,
+    causal_lm_loss,
+    document_starts,
+    selected_first,
+)
 from .diagnostics import CollapseReport, effective_rank_entropy, gini, normalized_entropy, unit_report
 from .outputs import DecollapseModelOutput
 from .regularizers import load_balancing_loss, router_z_loss, routing_entropy
@@ -327,7 +334,7 @@ class MoHAttention(nn.Module):
         # is skipped is the attention of every inactive (token, head) pair, the part that grows with T.
         query = self.q_proj(hidden_states).view(batch, seq_len, heads, dim)
         # Per sequence and head: the positions of its active tokens first, in time order.
-        order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices  # (B, T, H)
+        order = selected_first(active)  # (B, T, H)
         # Each head is packed to its own longest sequence, not to the longest over all heads, so an
         # unpopular head does not pay for a popular one (one host sync for the counts).
         slots = active.sum(1).amax(0).tolist()  # (H,)
@@ -390,7 +397,7 @@ class MoHAttention(nn.Module):
         weights = routing.weights.masked_fill(~routing.active, 0)  # (B, T, H)
         active = weights != 0
         query = self.q_proj(hidden_states).view(batch, seq_len, heads, dim)
-        order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices  # (B, T, H)
+        order = selected_first(active)  # (B, T, H)
         counts = active.sum(1)  # (B, H)
         slots = max(int(counts.max()), 1)
         padded = -(-slots // FLEX_BLOCK) * FLEX_BLOCK
@@ -612,9 +619,7 @@ class MoHPreTrainedModel(DecollapsePreTrainedModel):
         was_training = self.training
         labels = input_ids.masked_fill(mask == 0, -100) if mask is not None else input_ids
         if position_ids is not None:  # packed documents: no document is scored on the one before it
-            starts = torch.zeros_like(labels, dtype=torch.bool)
-            starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-            labels = labels.masked_fill(starts, -100)
+            labels = labels.masked_fill(document_starts(position_ids), -100)
         report = CollapseReport()
         try:
             for p in params:
