@@ -224,8 +224,9 @@ def plan_ablation(job: AblationJob) -> list[PlannedRun]:
             raise UsageError(f"--output-dir {job.output_dir}: exists and is not a directory")
         if any(job.output_dir.iterdir()) and not job.overwrite:
             raise UsageError(f"--output-dir {job.output_dir}: not empty; pass --overwrite to replace it")
-    if not job.grid and not job.cases:
-        raise UsageError("name at least one --grid key=value1,value2,... or --case 'key=value ...'")
+    if not job.grid and not job.cases and job.seeds is None:
+        # With --seeds alone the one arm is the recipe as it stands: the spread of a default over seeds.
+        raise UsageError("name at least one --grid key=value1,value2,..., --case 'key=value ...' or --seeds S1,S2,...")
     overlap = sorted(set(table_keys(job)) & set(job.settings))
     if overlap:
         raise UsageError(f"{', '.join(overlap)}: given both in --grid/--case and --set")

@@ -248,3 +248,28 @@ def test_ablate_seeds_pair_every_arm_with_the_control_run_of_the_same_seed(tmp_p
     assert "--seeds 0,1 --control 'learning_rate=0.003 logging_steps=5'" in table
     assert "Every seed:" in table, "the written record keeps every seed's row"
     assert _leftovers(tmp_path) == []
+
+
+def test_ablate_with_seeds_alone_runs_the_recipe_as_it_stands_once_per_seed(tmp_path, capsys):
+    out = tmp_path / "abl"
+    code = main([
+        "ablate", "dense", "--max-steps", "3", "--output-dir", str(out), "--seeds", "0,1", "--per-seed",
+        "--set", *TINY_CORPUS, *DENSE_TINY,
+    ])
+    assert code == 0
+    payload = json.loads((out / "ablation.json").read_text())
+    assert [(r["run"], r["seed"], r["settings"]) for r in payload["rows"]] == [("runs/seed=0", 0, {}), ("runs/seed=1", 1, {})]
+    (arm,) = payload["arms"]
+    assert len(set(arm["validation_perplexity"]["values"])) == 2, "each seed is its own run"
+    table = (out / "ablation.md").read_text()
+    assert "| val ppl | ratio to optimum |" in table and "Every seed:" in table
+    assert "decollapse ablate dense --max-steps 3 --seeds 0,1 --set" in table
+    assert _leftovers(tmp_path) == []
+
+
+def test_ablate_without_arms_or_seeds_says_what_to_name(tmp_path, capsys):
+    code = main(["ablate", "dense", "--output-dir", str(tmp_path / "a")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name at least one --grid" in err[0] and "--seeds" in err[0]
+    assert not (tmp_path / "a").exists()
