@@ -31,6 +31,7 @@ def test_config_refuses_sequence_composition_for_a_causal_lm():
         ({"min_bases_per_neuron": 40.0}, "min_bases_per_neuron"),
         ({"diversity_weight": -1.0}, "diversity_weight"),
         ({"num_neurons": 8, "num_basis": 16}, "neuron_init"),
+        ({"router_temperature": 0.0}, "router_temperature"),
     ],
 )
 def test_config_names_the_bad_field(overrides, field):
@@ -44,7 +45,7 @@ def test_every_knob_of_the_original_is_configurable():
                  "neuron_top_k", "num_basis", "basis_rank", "modulation_rank", "intermediate_size",
                  "max_position_embeddings", "hidden_dropout", "ffn_composition", "neuron_init",
                  "basis_init_std", "orthogonality_weight", "diversity_weight", "sparsity_weight",
-                 "context_residual", "balance_weight"):
+                 "context_residual", "balance_weight", "router_temperature"):
         assert name in knobs, name
 
 
@@ -101,6 +102,21 @@ def test_router_writes_the_weighted_sum_of_its_top_k_neurons():
     torch.testing.assert_close(routing.written, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(routing.weights.sum(-1), torch.ones(2, 5))
     assert routing.indices.shape == (2, 5, model.config.neuron_top_k)
+
+
+def test_router_temperature_sharpens_the_weights_of_the_same_selection():
+    torch.manual_seed(0)
+    v50 = DawnForCausalLM(DawnConfig(vocab_size=100)).eval()
+    cooler = DawnForCausalLM(DawnConfig(vocab_size=100, router_temperature=0.25)).eval()
+    cooler.load_state_dict(v50.state_dict())  # the temperature has no parameter: same weights
+    u = torch.randn(2, 16, 64)
+    raw = v50.model.layers[0].router(u, None, True)
+    tempered = cooler.model.layers[0].router(u, None, True)
+    assert v50.config.router_temperature == 1.0, "the default is v5.0's softmax over the raw scores"
+    assert torch.equal(tempered.indices, raw.indices), "dividing every score by T keeps their order"
+    torch.testing.assert_close(tempered.scores, raw.scores / 0.25)
+    torch.testing.assert_close(tempered.weights, (raw.scores.gather(-1, raw.indices) / 0.25).softmax(-1))
+    assert tempered.weights.max(-1).values.mean() > raw.weights.max(-1).values.mean()
 
 
 def test_basis_ffn_equals_the_materialised_per_token_up_projection():

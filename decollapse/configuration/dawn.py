@@ -22,7 +22,7 @@ class DawnConfig(DecollapseConfig):
 
     The defaults are a CPU-sized version of the original's shape (DAWN v5.0's training config has
     ``hidden_size=256``, ``num_neurons=512``, ``neuron_top_k=16``, ``num_basis=16``, ``basis_rank=8``,
-    ``modulation_rank=32``, ``intermediate_size=512``), sized to the embedded corpus's two-minute recipe. Two defaults depart
+    ``modulation_rank=32``, ``intermediate_size=512``), sized to the embedded corpus's two-minute recipe. Three defaults depart
     from v5.0 on purpose, each one knob away from the original:
 
     - ``context_residual=True``: the router's context attention also writes into the residual stream
@@ -33,15 +33,21 @@ class DawnConfig(DecollapseConfig):
     - ``balance_weight=0.1``: a Switch-style load-balancing term on the neuron router, as DAWN's own
       later versions added (v17.1 in the same repository); without it the router leaves more than
       half the pool unused.
-      ``basis_rank=32`` (v5.0 had 8; its authors called 8 a "severe bottleneck" and moved to 32).
+    - ``basis_rank=32`` (v5.0 had 8; its authors called 8 a "severe bottleneck" and moved to 32).
 
     Args:
-        num_attention_heads: heads of the router's context attention (it has no output projection
-            and never writes into the residual stream; it only moves the neuron scores).
+        num_attention_heads: heads of the router's context attention. It moves the neuron scores and,
+            with ``context_residual``, writes into the residual stream through its output projection.
         num_neurons: neuron pool per layer (N).
         neuron_rank: rank of the neuron pool: neurons are ``A_n @ B_n`` with ``A_n`` (N × r_n) and
             ``B_n`` (r_n × hidden_size).
         neuron_top_k: neurons selected per token (k).
+        router_temperature: the neuron scores are divided by it before the top-k softmax (and before the
+            softmax of ``neuron_balance``); which neurons are selected does not change. 1.0 (default)
+            is v5.0, which softmaxes the raw scores. An Adam step moves the neurons by about the learning
+            rate whatever the gradient's size, so below 1 each step moves the k weights 1/T times as
+            far. At 0.25 the model left the embedded corpus's early plateau earlier in four seeds of six
+            and later in two (docs/DAWN.md), so the default stays v5.0's.
         num_basis: shared basis blocks per layer (M).
         basis_rank: rank of each basis block: ``A_m`` is hidden_size × r_b, ``B_m`` is r_b × F.
         modulation_rank: bottleneck of the token-modulation MLP that gates the FFN's hidden units.
@@ -83,6 +89,7 @@ class DawnConfig(DecollapseConfig):
     num_neurons: int = 128
     neuron_rank: int = 16
     neuron_top_k: int = 8
+    router_temperature: float = 1.0
     num_basis: int = 16
     basis_rank: int = 32
     modulation_rank: int = 32
@@ -114,6 +121,7 @@ class DawnConfig(DecollapseConfig):
             "modulation_rank", "intermediate_size",
         )
         self.check_divisible("hidden_size", "num_attention_heads")
+        self.check_range("router_temperature", 0.0, float("inf"), low_inclusive=False)
         if self.neuron_top_k > self.num_neurons:
             self._fail("neuron_top_k", f"at most num_neurons={self.num_neurons}")
         self.check_choice("ffn_composition", FFN_COMPOSITIONS)

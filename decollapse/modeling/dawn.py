@@ -76,8 +76,9 @@ class DawnRouting:
 
 
 class DawnContextAttention(nn.Module):
-    """Multi-head attention that only informs the router: queries, keys and values, no output
-    projection, and its result never enters the residual stream."""
+    """Multi-head attention over the tokens a position may see: queries, keys and values. Its result
+    moves the router's scores; the router's ``context_proj`` (``context_residual``) is its output
+    projection into the residual stream."""
 
     def __init__(self, config: DawnConfig):
         super().__init__()
@@ -99,7 +100,8 @@ class DawnNeuronRouter(nn.Module):
     """Scores a low-rank pool of N neurons per token and keeps the top k.
 
     Neurons are the rows of ``neuron_factors @ neuron_basis`` (N × r_n times r_n × D).
-    ``score = g_tok · u·neuronᵀ + g_ctx · c·neuronᵀ`` with ``(g_tok, g_ctx) = softmax(W_g [u; c])``.
+    ``score = (g_tok · u·neuronᵀ + g_ctx · c·neuronᵀ) / router_temperature`` with
+    ``(g_tok, g_ctx) = softmax(W_g [u; c])``; the k kept are weighted by a softmax over their scores.
     With ``context_residual`` the context ``c`` is also projected (``context_proj``) for the residual
     stream; without it, ``c`` only moves the scores, as in v5.0.
     """
@@ -107,6 +109,7 @@ class DawnNeuronRouter(nn.Module):
     def __init__(self, config: DawnConfig):
         super().__init__()
         self.top_k = config.neuron_top_k
+        self.temperature = config.router_temperature
         self.neuron_factors = nn.Parameter(torch.empty(config.num_neurons, config.neuron_rank))
         self.neuron_basis = nn.Parameter(torch.empty(config.neuron_rank, config.hidden_size))
         self.context = DawnContextAttention(config)
@@ -122,7 +125,7 @@ class DawnNeuronRouter(nn.Module):
         neurons = self.neurons()
         # g_tok · u·Nᵀ + g_ctx · c·Nᵀ = (g_tok · u + g_ctx · c)·Nᵀ: one (B, T, D) × (D, N) matmul.
         mixed = gate[..., :1] * hidden_states + gate[..., 1:] * context
-        scores = mixed @ neurons.t()  # (B, T, N)
+        scores = (mixed @ neurons.t()) / self.temperature  # (B, T, N)
         top_scores, indices = scores.topk(self.top_k, dim=-1)
         weights = top_scores.softmax(dim=-1)
         # Scattering the k weights over the pool turns every later gather into a dense matmul.
