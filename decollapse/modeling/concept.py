@@ -257,6 +257,7 @@ class ConceptEncoderPreTrainedModel(DecollapsePreTrainedModel):
         "concept erank within (÷C)": ("concepts.within.effective_rank_entropy_ratio", "mean"),
         "concept erank global nuclear (÷C)": ("concepts.global.effective_rank_nuclear_ratio", "mean"),
         "concept mean |cos|": ("concepts.mean_abs_cosine", "mean"),
+        "slot cross-input cos": ("concepts.slot_cross_input_cosine", "mean"),
         "token→concept usage gini (max layer)": ("layer*.assignment.gini", "max"),
     }
 
