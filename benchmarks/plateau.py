@@ -19,7 +19,7 @@ training task losses is under ``--threshold`` nats, 4.0 by default) and, per che
   positions 16 and later of 16 validation rows;
 - ``domain probe``: per layer, the accuracy of a linear probe (multinomial logistic regression, L2 1e-3,
   L-BFGS) that reads the token's domain label from the hidden state after that layer, fit on 64 training
-  rows and scored on 32 validation rows. Chance (the majority domain) is printed with it.
+  rows and scored on 32 validation rows. The majority domain's share of the probe tokens is printed with it.
 
 The model is built from the checkpoint folder alone (``AutoModelForCausalLM.from_pretrained``); the
 corpus is the embedded default, so a run must have been trained on it.
@@ -65,20 +65,24 @@ def checkpoints_of(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def attention_entropy(model, input_ids: torch.Tensor) -> list[list[float]]:
-    """Per attention module (in model order) and head: mean entropy of the causal attention ÷ log(prefix length)."""
-    captured: list[tuple[torch.nn.Module, torch.Tensor]] = []
-    modules = [m for m in model.modules() if hasattr(m, "qkv_proj") and hasattr(m, "num_heads")]
-    hooks = [
-        m.qkv_proj.register_forward_hook(lambda mod, args, out, m=m: captured.append((m, out)))
-        for m in modules
-    ]
+def forward_with_hooks(model, input_ids: torch.Tensor, hooks: list[tuple[torch.nn.Module, object]]) -> None:
+    """One no-grad forward pass with ``(module, forward hook)`` pairs attached for its duration."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         with torch.no_grad():
             model(input_ids=input_ids)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def attention_entropy(model, input_ids: torch.Tensor) -> list[list[float]]:
+    """Per attention module (in model order) and head: mean entropy of the causal attention ÷ log(prefix length)."""
+    captured: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    modules = [m for m in model.modules() if hasattr(m, "qkv_proj") and hasattr(m, "num_heads")]
+    forward_with_hooks(model, input_ids, [
+        (m.qkv_proj, lambda mod, args, out, m=m: captured.append((m, out))) for m in modules
+    ])
     out = []
     seq_len = input_ids.shape[1]
     future = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
@@ -98,16 +102,10 @@ def attention_entropy(model, input_ids: torch.Tensor) -> list[list[float]]:
 def layer_states(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     states: dict[int, torch.Tensor] = {}
     layers = model.base_model.layers
-    hooks = [
-        layer.register_forward_hook(lambda mod, args, out, i=i: states.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+    forward_with_hooks(model, input_ids, [
+        (layer, lambda mod, args, out, i=i: states.__setitem__(i, out[0] if isinstance(out, tuple) else out))
         for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    ])
     return [states[i] for i in range(len(layers))]
 
 
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{run}: escape step {escape_step(log, args.threshold)} (threshold {args.threshold} nats)\n")
         if not checkpoints:
             continue
-        print(f"| step | loss | attn H/Hmax (per layer: heads) | domain probe per layer (chance {chance:.2f}) |")
+        print(f"| step | loss | attn H/Hmax (per layer: heads) | domain probe per layer (majority domain {chance:.2f}) |")
         print("|---|---|---|---|")
         for checkpoint in checkpoints:
             step = int(checkpoint.name.split("-")[-1])
