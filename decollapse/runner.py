@@ -553,9 +553,9 @@ def load_data(job: TrainJob, parts: dict[str, Any]):
     )
     try:
         if job.streaming:
+            rank, world_size = process_rank()
             corpus = stream_text_corpus(
-                source, **options, held_out_rows=recipe.streaming_held_out_rows,
-                rank=process_rank()[0], world_size=process_rank()[1],
+                source, **options, held_out_rows=recipe.streaming_held_out_rows, rank=rank, world_size=world_size,
             )
         else:
             corpus = load_text_corpus(source, **options)

@@ -493,7 +493,8 @@ def labelled_queries(
     Decoder positions never read each other (each only cross-attends to the concepts), so decoding
     just the positions a loss scores gives them the hidden states a full decode gives (up to float
     rounding), for the work of as many positions as the batch's most-labelled row holds. Each row's
-    labelled positions come first, in order, padded to that row's count (padding slots get target -100).
+    labelled positions come first, in order, padded to the most-labelled row's count (padding slots get
+    target -100).
     """
     selected = labels != IGNORE_INDEX
     slots = max(int(selected.sum(dim=1).max()), 1)
