@@ -10,7 +10,8 @@ one before it, and leaves that plateau when it starts inferring the document's d
     PYTHONPATH=. python benchmarks/plateau.py runs/dawn runs/dense --until 2500
 
 and prints, per run, the **escape step** (the first logged step at which the mean of five consecutive
-training task losses is under ``--threshold`` nats, 4.0 by default) and, per checkpoint:
+training task losses is under ``--threshold`` nats, 4.0 by default) and, per checkpoint (with ``--final``,
+also for the trained model the run folder itself holds):
 
 - ``loss``: the training task loss logged at that step;
 - ``attn H/Hmax``: per layer and head, the entropy of the causal attention of every module with a fused
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="output folders of `decollapse train` (checkpoints beside them)")
     parser.add_argument("--threshold", type=float, default=4.0, help="escape: mean of 5 logged task losses under this")
     parser.add_argument("--until", type=int, default=None, help="read checkpoints up to this step")
+    parser.add_argument("--final", action="store_true",
+                        help="also read the trained model in the run folder itself, as the last row ('final')")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = checkpoints_of(run)
         if args.until is not None:
             checkpoints = [c for c in checkpoints if int(c.name.split("-")[-1]) <= args.until]
+        if args.final and (run / "training_log.json").is_file():  # written when training finished
+            checkpoints.append(run)
         logged = {entry["step"]: entry["task_loss"] for entry in log if "task_loss" in entry}
         print(f"\n{run}: escape step {escape_step(log, args.threshold)} (threshold {args.threshold} nats)\n")
         if not checkpoints:
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| step | loss | attn H/Hmax (per layer: heads) | domain probe per layer (majority domain {chance:.2f}) |")
         print("|---|---|---|---|")
         for checkpoint in checkpoints:
-            step = int(checkpoint.name.split("-")[-1])
+            step = int(checkpoint.name.split("-")[-1]) if checkpoint != run else max(logged)
             model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
             entropy = attention_entropy(model, probe_ids[:16])
             test_states, fit_states = layer_states(model, probe_ids), layer_states(model, fit_ids)
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             loss = f"{logged[step]:.3f}" if step in logged else "–"
             heads = " / ".join(",".join(f"{h:.2f}" for h in layer) for layer in entropy)
-            print(f"| {step} | {loss} | {heads} | {' / '.join(f'{a:.2f}' for a in accuracy)} |", flush=True)
+            label = f"{step} (final)" if checkpoint == run else str(step)
+            print(f"| {label} | {loss} | {heads} | {' / '.join(f'{a:.2f}' for a in accuracy)} |", flush=True)
     return 0
 
 

@@ -46,9 +46,9 @@ class DawnConfig(DecollapseConfig):
             softmax of ``neuron_balance``); which neurons are selected does not change. 1.0 (default)
             is v5.0, which softmaxes the raw scores. An Adam step moves the neurons by about the learning
             rate whatever the gradient's size, so below 1 each step moves the k weights 1/T times as
-            far. At 0.25, one thread per run, the model left the embedded corpus's early plateau earlier in
-            four seeds of six and later in two (one still on it at step 2,500); at two threads it passed
-            three seeds of three (docs/DAWN.md). The default stays v5.0's until both hold.
+            far. At 0.25, over six seeds at one and at two threads per run, one run of twelve ended more
+            than 10% above dense, as with the default, on another seed (docs/DAWN.md), so the default
+            stays v5.0's.
         num_basis: shared basis blocks per layer (M).
         basis_rank: rank of each basis block: ``A_m`` is hidden_size × r_b, ``B_m`` is r_b × F.
         modulation_rank: bottleneck of the token-modulation MLP that gates the FFN's hidden units.
