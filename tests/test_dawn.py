@@ -45,7 +45,7 @@ def test_every_knob_of_the_original_is_configurable():
                  "neuron_top_k", "num_basis", "basis_rank", "modulation_rank", "intermediate_size",
                  "max_position_embeddings", "hidden_dropout", "ffn_composition", "neuron_init",
                  "basis_init_std", "orthogonality_weight", "diversity_weight", "sparsity_weight",
-                 "context_residual", "balance_weight", "router_temperature"):
+                 "context_residual", "balance_weight", "router_temperature", "mixing_norm"):
         assert name in knobs, name
 
 
@@ -117,6 +117,28 @@ def test_router_temperature_sharpens_the_weights_of_the_same_selection():
     torch.testing.assert_close(tempered.scores, raw.scores / 0.25)
     torch.testing.assert_close(tempered.weights, (raw.scores.gather(-1, raw.indices) / 0.25).softmax(-1))
     assert tempered.weights.max(-1).values.mean() > raw.weights.max(-1).values.mean()
+
+
+def test_mixing_norm_keeps_each_mixing_vector_direction_at_unit_norm():
+    v50 = tiny_model("dawn").eval()
+    normed = tiny_model("dawn", mixing_norm=True).eval()  # same seed: the same weights
+    assert v50.config.mixing_norm is False, "the default is v5.0's mixing"
+    u = torch.randn(2, 6, v50.config.hidden_size)
+    routing = v50.model.layers[0].router(u, None, True)
+    raw_a, raw_b = v50.model.layers[0].ffn.compose(routing.dense_weights, None)
+    unit_a, unit_b = normed.model.layers[0].ffn.compose(routing.dense_weights, None)
+    for raw, unit in ((raw_a, unit_a), (raw_b, unit_b)):
+        torch.testing.assert_close(unit.norm(dim=-1), torch.ones(2, 6))
+        torch.testing.assert_close(unit, raw / raw.norm(dim=-1, keepdim=True))
+    assert not torch.allclose(raw_a.norm(dim=-1), torch.ones(2, 6)), "v5.0's mixing is not unit-norm"
+
+
+def test_mixing_norm_still_trains_the_coefficients_through_the_ffn():
+    layer = tiny_model("dawn", mixing_norm=True).model.layers[0]
+    u = torch.randn(2, 6, layer.ffn.basis_A.size(1))
+    routing = layer.router(u, None, True)
+    layer.ffn(u, routing, None).square().sum().backward()  # the FFN's output alone, no auxiliary loss
+    assert layer.ffn.coef_A.grad.abs().sum() > 0 and layer.ffn.coef_B.grad.abs().sum() > 0
 
 
 def test_basis_ffn_equals_the_materialised_per_token_up_projection():

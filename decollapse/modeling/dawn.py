@@ -152,6 +152,7 @@ class DawnBasisFFN(nn.Module):
     def __init__(self, config: DawnConfig):
         super().__init__()
         self.composition = config.ffn_composition
+        self.mixing_norm = config.mixing_norm
         self.num_basis = config.num_basis
         self.basis_rank = config.basis_rank
         self.basis_A = nn.Parameter(torch.empty(config.num_basis, config.hidden_size, config.basis_rank))
@@ -173,7 +174,13 @@ class DawnBasisFFN(nn.Module):
                 mix = mix.cumsum(dim=1) / keep.cumsum(dim=1).clamp_min(1.0)
             else:  # "sequence" (masked LM only, the config refuses it for a causal LM)
                 mix = (mix.sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1.0)).expand_as(mix)
-        return mix.split(self.num_basis, dim=-1)
+        mix_a, mix_b = mix.split(self.num_basis, dim=-1)
+        if self.mixing_norm:
+            # Only the direction of each mixing vector is kept: the composed up-projection's scale no
+            # longer shrinks with the averaging over k neurons, and cannot collapse towards zero.
+            mix_a = mix_a / mix_a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            mix_b = mix_b / mix_b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return mix_a, mix_b
 
     def forward(self, hidden_states: torch.Tensor, routing: DawnRouting, valid: torch.Tensor | None) -> torch.Tensor:
         batch, seq_len, width = hidden_states.shape
