@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| step | loss | attn H/Hmax (per layer: heads) | domain probe per layer (majority domain {chance:.2f}) |")
         print("|---|---|---|---|")
         for checkpoint in checkpoints:
-            step = int(checkpoint.name.split("-")[-1]) if checkpoint != run else max(logged)
+            final = checkpoint == run
+            step = max(logged) if final else int(checkpoint.name.split("-")[-1])
             model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
             entropy = attention_entropy(model, probe_ids[:16])
             test_states, fit_states = layer_states(model, probe_ids), layer_states(model, fit_ids)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             loss = f"{logged[step]:.3f}" if step in logged else "–"
             heads = " / ".join(",".join(f"{h:.2f}" for h in layer) for layer in entropy)
-            label = f"{step} (final)" if checkpoint == run else str(step)
+            label = f"{step} (final)" if final else str(step)
             print(f"| {label} | {loss} | {heads} | {' / '.join(f'{a:.2f}' for a in accuracy)} |", flush=True)
     return 0
 
