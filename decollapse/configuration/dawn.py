@@ -64,7 +64,8 @@ class DawnConfig(DecollapseConfig):
             compose the up-projection (``False`` is v5.0). Without it the composed up-projection starts
             about 200 times quieter than a dense FFN (``a`` and ``b`` average k coefficient rows) and its
             scale follows the mixing weights. Over six seeds at one and two threads per run it kept all
-            twelve runs within 1.06× dense where v5.0's mixing had one at 1.26× (docs/DAWN.md).
+            twelve runs within 1.06× dense where v5.0's mixing had one at 1.26× (docs/DAWN.md; measured
+            with a patched copy doing the same arithmetic, before the option existed).
         neuron_init: initialisation of the coefficient matrices ``coef_A``, ``coef_B`` (N × M).
             ``"qr"``: the Q factor of a reduced QR decomposition of a Gaussian N × M matrix (the fix
             DAWN v5.0 introduced). ``"normal"``: i.i.d. ``N(0, 1/N)``, the same entry scale without
