@@ -120,9 +120,9 @@ def test_router_temperature_sharpens_the_weights_of_the_same_selection():
 
 
 def test_mixing_norm_keeps_each_mixing_vector_direction_at_unit_norm():
-    v50 = tiny_model("dawn").eval()
-    normed = tiny_model("dawn", mixing_norm=True).eval()  # same seed: the same weights
-    assert v50.config.mixing_norm is False, "the default is v5.0's mixing"
+    normed = tiny_model("dawn").eval()
+    v50 = tiny_model("dawn", mixing_norm=False).eval()  # same seed: the same weights
+    assert normed.config.mixing_norm is True, "unit-norm mixing is the default"
     u = torch.randn(2, 6, v50.config.hidden_size)
     routing = v50.model.layers[0].router(u, None, True)
     raw_a, raw_b = v50.model.layers[0].ffn.compose(routing.dense_weights, None)
@@ -133,18 +133,41 @@ def test_mixing_norm_keeps_each_mixing_vector_direction_at_unit_norm():
     assert not torch.allclose(raw_a.norm(dim=-1), torch.ones(2, 6)), "v5.0's mixing is not unit-norm"
 
 
+def test_a_checkpoint_saved_before_mixing_norm_existed_loads_with_v50_mixing(tmp_path):
+    """Checkpoints from before the option have no ``mixing_norm`` key; they were trained with raw
+    mixing and must load as that model, through every loading path, while new configs normalise."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = tiny_model("dawn", mixing_norm=False)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["mixing_norm"] is False, "a config saved now records the value it was trained with"
+    del saved["mixing_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoConfig.from_pretrained(tmp_path).mixing_norm is False
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.mixing_norm is False
+    ids = torch.randint(3, 61, (2, 8))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert DawnConfig.from_dict({**saved, "mixing_norm": True}).mixing_norm is True, "a saved key wins"
+    assert DawnConfig().mixing_norm is True and tiny_config("dawn").mixing_norm is True
+
+
 def test_mixing_norm_still_trains_the_coefficients_through_the_ffn():
-    layer = tiny_model("dawn", mixing_norm=True).model.layers[0]
+    layer = tiny_model("dawn").model.layers[0]
     u = torch.randn(2, 6, layer.ffn.basis_A.size(1))
     routing = layer.router(u, None, True)
     layer.ffn(u, routing, None).square().sum().backward()  # the FFN's output alone, no auxiliary loss
     assert layer.ffn.coef_A.grad.abs().sum() > 0 and layer.ffn.coef_B.grad.abs().sum() > 0
 
 
-def test_basis_ffn_equals_the_materialised_per_token_up_projection():
+@pytest.mark.parametrize("mixing_norm", [True, False])
+def test_basis_ffn_equals_the_materialised_per_token_up_projection(mixing_norm):
     """out = down(GELU(v · (Σ a_m A_m)(Σ b_m B_m)) ⊙ σ(mod)) per token, with a, b from that token's own
-    neurons — computed here the slow, literal way."""
-    model = tiny_model("dawn").eval()
+    neurons (scaled to unit norm with ``mixing_norm``) — computed here the slow, literal way."""
+    model = tiny_model("dawn", mixing_norm=mixing_norm).eval()
     layer = model.model.layers[0]
     ffn = layer.ffn
     v = torch.randn(2, 4, 32)
@@ -155,6 +178,8 @@ def test_basis_ffn_equals_the_materialised_per_token_up_projection():
             w, idx = routing.weights[b, t], routing.indices[b, t]
             a = (w.unsqueeze(-1) * ffn.coef_A[idx]).sum(0)
             bb = (w.unsqueeze(-1) * ffn.coef_B[idx]).sum(0)
+            if mixing_norm:
+                a, bb = a / a.norm(), bb / bb.norm()
             up = torch.einsum("m,mdr->dr", a, ffn.basis_A) @ torch.einsum("m,mrf->rf", bb, ffn.basis_B)
             hidden = torch.nn.functional.gelu(v[b, t] @ up, approximate="tanh")
             mod = ffn.modulation_out(torch.relu(ffn.modulation_in(routing.written[b, t])))
@@ -190,7 +215,8 @@ def test_causal_prefix_uses_the_mean_selection_so_far():
     routing = model.model.layers[0].router(torch.randn(1, 6, 32), None, True)
     mix_a, _ = ffn.compose(routing.dense_weights, None)
     per_token = routing.dense_weights @ ffn.coef_A
-    torch.testing.assert_close(mix_a[0, 3], per_token[0, :4].mean(0))
+    so_far = per_token[0, :4].mean(0)
+    torch.testing.assert_close(mix_a[0, 3], so_far / so_far.norm())  # then scaled to unit norm (mixing_norm)
 
 
 @pytest.mark.parametrize("composition", ["token", "causal_prefix", "sequence"])

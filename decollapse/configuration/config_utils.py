@@ -32,6 +32,10 @@ class DecollapseConfig(PreTrainedConfig):
     aux_loss_weight_fields: ClassVar[dict[str, str]] = {}
     # The objectives this architecture has heads for (the registry maps each to its model class).
     supported_objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
+    # Fields whose default changed after configurations were saved without them: field -> the value
+    # such a saved configuration was trained with. Loading fills it in where the key is absent, so a
+    # checkpoint keeps the model it was trained as; a configuration built in code gets the new default.
+    saved_without_key_defaults: ClassVar[dict[str, Any]] = {}
 
     vocab_size: int = 4096
     hidden_size: int = 64
@@ -63,6 +67,13 @@ class DecollapseConfig(PreTrainedConfig):
 
     def validate(self) -> None:
         """Architecture-specific checks and derived defaults; runs after the shared checks."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        # The one door a saved configuration comes in by: `from_pretrained` and `AutoConfig` (local
+        # or `trust_remote_code`) both end here, and building a config in code never does.
+        absent = {k: v for k, v in cls.saved_without_key_defaults.items() if k not in config_dict}
+        return super().from_dict({**absent, **config_dict}, **kwargs)
 
     # -- validation helpers: every error names the field, the value and what is allowed ----------
     def _fail(self, field: str, allowed: str) -> None:

@@ -22,7 +22,7 @@ class DawnConfig(DecollapseConfig):
 
     The defaults are a CPU-sized version of the original's shape (DAWN v5.0's training config has
     ``hidden_size=256``, ``num_neurons=512``, ``neuron_top_k=16``, ``num_basis=16``, ``basis_rank=8``,
-    ``modulation_rank=32``, ``intermediate_size=512``), sized to the embedded corpus's two-minute recipe. Three defaults depart
+    ``modulation_rank=32``, ``intermediate_size=512``), sized to the embedded corpus's two-minute recipe. Four defaults depart
     from v5.0 on purpose, each one knob away from the original:
 
     - ``context_residual=True``: the router's context attention also writes into the residual stream
@@ -34,6 +34,10 @@ class DawnConfig(DecollapseConfig):
       later versions added (v17.1 in the same repository); without it the router leaves more than
       half the pool unused.
     - ``basis_rank=32`` (v5.0 had 8; its authors called 8 a "severe bottleneck" and moved to 32).
+    - ``mixing_norm=True``: each token's mixing vectors are scaled to unit norm before they compose
+      its up-projection. With v5.0's raw mixing the recipe left the corpus's early plateau late on some
+      seeds and ended up to 1.26× dense; with unit-norm mixing every measured seed ended within 1.06×
+      (docs/DAWN.md). A configuration saved before this option existed loads with ``False``.
 
     Args:
         num_attention_heads: heads of the router's context attention. It moves the neuron scores and,
@@ -46,9 +50,9 @@ class DawnConfig(DecollapseConfig):
             softmax of ``neuron_balance``); which neurons are selected does not change. 1.0 (default)
             is v5.0, which softmaxes the raw scores. An Adam step moves the neurons by about the learning
             rate whatever the gradient's size, so below 1 each step moves the k weights 1/T times as
-            far. At 0.25, over six seeds at one and at two threads per run, one run of twelve ended more
-            than 10% above dense, as with the default, on another seed (docs/DAWN.md), so the default
-            stays v5.0's.
+            far. At 0.25 with v5.0's mixing, over six seeds at one and at two threads per run, one run
+            of twelve ended more than 10% above dense, as at 1.0, on another seed (docs/DAWN.md), so
+            the default stays v5.0's.
         num_basis: shared basis blocks per layer (M).
         basis_rank: rank of each basis block: ``A_m`` is hidden_size × r_b, ``B_m`` is r_b × F.
         modulation_rank: bottleneck of the token-modulation MLP that gates the FFN's hidden units.
@@ -61,11 +65,9 @@ class DawnConfig(DecollapseConfig):
             the mean over the whole sequence, as the original does; it sees the future, so only the
             masked-LM objective accepts it.
         mixing_norm: divide each position's mixing vectors ``a`` and ``b`` by their L2 norm before they
-            compose the up-projection (``False`` is v5.0). Without it the composed up-projection starts
-            about 200 times quieter than a dense FFN (``a`` and ``b`` average k coefficient rows) and its
-            scale follows the mixing weights. Over six seeds at one and two threads per run it kept all
-            twelve runs within 1.06× dense where v5.0's mixing had one at 1.26× (docs/DAWN.md; measured
-            with a patched copy doing the same arithmetic, before the option existed).
+            compose the up-projection (default; ``False`` is v5.0). Without it the composed
+            up-projection starts about 200 times quieter than a dense FFN (``a`` and ``b`` average k
+            coefficient rows, each of norm about sqrt(M/N)) and its scale follows the mixing weights.
         neuron_init: initialisation of the coefficient matrices ``coef_A``, ``coef_B`` (N × M).
             ``"qr"``: the Q factor of a reduced QR decomposition of a Gaussian N × M matrix (the fix
             DAWN v5.0 introduced). ``"normal"``: i.i.d. ``N(0, 1/N)``, the same entry scale without
@@ -91,6 +93,8 @@ class DawnConfig(DecollapseConfig):
         "basis_sparsity": "sparsity_weight",
         "neuron_balance": "balance_weight",
     }
+    # Saved before `mixing_norm` existed: such checkpoints were trained with v5.0's raw mixing.
+    saved_without_key_defaults: ClassVar[dict[str, object]] = {"mixing_norm": False}
 
     num_attention_heads: int = 2
     num_neurons: int = 128
@@ -102,7 +106,7 @@ class DawnConfig(DecollapseConfig):
     modulation_rank: int = 32
     intermediate_size: int | None = None
     ffn_composition: str = "token"
-    mixing_norm: bool = False
+    mixing_norm: bool = True
     context_residual: bool = True
     neuron_init: str = "qr"
     basis_init_std: float = 0.05
