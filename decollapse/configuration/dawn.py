@@ -28,16 +28,18 @@ class DawnConfig(DecollapseConfig):
     - ``context_residual=True``: the router's context attention also writes into the residual stream
       (through an output projection). In v5.0 the only path between tokens besides routing was the
       sequence-pooled up-projection, which is the future leak. With it removed and nothing in its
-      place, the v5.0 layer (``context_residual=False, basis_rank=8, balance_weight=0``) trained to
-      1.84× the optimal perplexity, where dense reaches 1.03× (docs/DAWN.md).
+      place, the v5.0 layer (``context_residual=False, basis_rank=8, balance_weight=0,
+      mixing_norm=False``) trained to 1.84× the optimal perplexity, where dense reaches 1.03×
+      (docs/DAWN.md).
     - ``balance_weight=0.1``: a Switch-style load-balancing term on the neuron router, as DAWN's own
       later versions added (v17.1 in the same repository); without it the router leaves more than
       half the pool unused.
     - ``basis_rank=32`` (v5.0 had 8; its authors called 8 a "severe bottleneck" and moved to 32).
     - ``mixing_norm=True``: each token's mixing vectors are scaled to unit norm before they compose
-      its up-projection. With v5.0's raw mixing the recipe left the corpus's early plateau late on some
-      seeds and ended up to 1.26× dense; with unit-norm mixing every measured seed ended within 1.06×
-      (docs/DAWN.md). A configuration saved before this option existed loads with ``False``.
+      its up-projection. dawn leaves the corpus's early plateau later than dense on some seeds either
+      way; with v5.0's raw mixing 3 of 18 paired runs then ended 1.17–1.55× dense, with unit-norm
+      mixing none ended above 1.10× (docs/DAWN.md). A configuration saved before this option existed
+      loads with ``False``.
 
     Args:
         num_attention_heads: heads of the router's context attention. It moves the neuron scores and,
