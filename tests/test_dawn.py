@@ -153,6 +153,8 @@ def test_a_checkpoint_saved_before_mixing_norm_existed_loads_with_v50_mixing(tmp
     torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
     assert DawnConfig.from_dict({**saved, "mixing_norm": True}).mixing_norm is True, "a saved key wins"
     assert DawnConfig().mixing_norm is True and tiny_config("dawn").mixing_norm is True
+    tiny_model("dawn").save_pretrained(tmp_path / "today")  # the default is saved, not left to the rule
+    assert AutoConfig.from_pretrained(tmp_path / "today").mixing_norm is True
 
 
 def test_mixing_norm_still_trains_the_coefficients_through_the_ffn():
