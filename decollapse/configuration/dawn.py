@@ -37,8 +37,8 @@ class DawnConfig(DecollapseConfig):
     - ``basis_rank=32`` (v5.0 had 8; its authors called 8 a "severe bottleneck" and moved to 32).
     - ``mixing_norm=True``: each token's mixing vectors are scaled to unit norm before they compose
       its up-projection. dawn leaves the corpus's early plateau later than dense on some seeds either
-      way; with v5.0's raw mixing 3 of 18 paired runs then ended 1.17–1.55× dense, with unit-norm
-      mixing none ended above 1.10× (docs/DAWN.md). A configuration saved before this option existed
+      way; with v5.0's raw mixing 3 of 22 paired runs then ended 1.17–1.55× dense, with unit-norm
+      mixing one, at 1.109× (docs/DAWN.md). A configuration saved before this option existed
       loads with ``False``.
 
     Args:
