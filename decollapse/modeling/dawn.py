@@ -178,8 +178,7 @@ class DawnBasisFFN(nn.Module):
         if self.mixing_norm:
             # Only the direction of each mixing vector is kept: the composed up-projection's scale no
             # longer shrinks with the averaging over k neurons, and cannot collapse towards zero.
-            mix_a = mix_a / mix_a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            mix_b = mix_b / mix_b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            mix_a, mix_b = F.normalize(mix_a, dim=-1, eps=1e-6), F.normalize(mix_b, dim=-1, eps=1e-6)
         return mix_a, mix_b
 
     def forward(self, hidden_states: torch.Tensor, routing: DawnRouting, valid: torch.Tensor | None) -> torch.Tensor:
